@@ -1,0 +1,76 @@
+"""Tracing a PyTorch model into the graph the bound engine walks.
+
+We trace with ``torch.fx.symbolic_trace`` rather than ``torch.export``: fx keeps every
+``torch.nn`` layer as one node that refers to the user's own module, so a Conv2d or BatchNorm is a
+single bound rule with its live parameters (no copies to keep in sync after an optimizer step) and
+BatchNorm keeps its train/eval behaviour; tracing takes milliseconds and is shape-agnostic, so one
+trace serves every batch size.  ``torch.export`` instead lowers to ATen ops, lifts parameters into
+inputs and functionalizes BatchNorm's running-stat updates, which is the right trade-off for a
+compiler but not for a bound engine that must mirror the module the user trains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import fx, nn
+
+from .ops.base import BoundOp
+from .ops.registry import lookup
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced into a static graph."""
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+
+@dataclass(eq=False)
+class BoundNode:
+    """A node of the traced graph and, when it can depend on a perturbed input, its bound rule."""
+
+    name: str
+    kind: str  # fx op: placeholder, get_attr, call_module, call_function, call_method, output
+    fx_node: fx.Node
+    module: Optional[nn.Module] = None
+    op: Optional[BoundOp] = None
+    inputs: list[str] = field(default_factory=list)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise TraceError(
+            f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}). "
+            "The bound engine needs a static graph: avoid Python control flow that depends on tensor "
+            "values in forward(), or wrap such a part in a leaf module.") from e
+    return fx.GraphModule(tracer.root, graph)
+
+
+def build_nodes(gm: fx.GraphModule) -> list[BoundNode]:
+    nodes = []
+    for n in gm.graph.nodes:
+        module = gm.get_submodule(n.target) if n.op == "call_module" else None
+        nodes.append(BoundNode(n.name, n.op, n, module, None, [i.name for i in n.all_input_nodes]))
+    return nodes
+
+
+def attach_op(node: BoundNode, opts: dict) -> BoundOp:
+    """Find and instantiate the bound rule of a node (raises UnsupportedOperation)."""
+    if node.op is None:
+        node.op = lookup(node.fx_node, node.module)(node.fx_node, node.module, opts)
+    return node.op
+
+
+def fetch_attr(gm: fx.GraphModule, target: str) -> Any:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

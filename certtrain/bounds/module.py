@@ -1,0 +1,406 @@
+"""BoundedModule: bounds of a traced model's outputs over a perturbation of its inputs.
+
+The graph walk lives here; the maths of each op lives in `certtrain.bounds.ops`.
+
+* IBP (Gowal et al. 2018): intervals propagated forward through every node.
+* CROWN (Zhang et al. 2018): linear bounds propagated backward from the output to the inputs,
+  then concretized over the perturbation set.  Every input of a relaxed op (ReLU, ...) needs
+  bounds first; they are computed in topological order, by CROWN too, for the neurons whose
+  relaxation they change (the unstable ones, judged by IBP from the already tightened inputs, as
+  auto_LiRPA does with its "sparse intermediate bounds").
+* CROWN-IBP (Zhang et al. 2020): IBP for every intermediate node, CROWN for the output.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, fx, nn
+
+from .graph import BoundNode, attach_op, build_nodes, fetch_attr, trace
+from .ops.base import LinearOp, Value
+from .ops.linear import BoundLinear
+from .ops.conv import BoundConv2d
+from .patches import LinearA, Patches, to_dense
+from .perturbations import Perturbation, PerturbationLpNorm
+from .tensor import BoundedTensor
+
+_METHODS = {
+    "ibp": "IBP",
+    "crown": "CROWN", "backward": "CROWN",
+    "crown-ibp": "CROWN-IBP", "crown_ibp": "CROWN-IBP", "ibp+backward": "CROWN-IBP",
+    "crownibp": "CROWN-IBP",
+}
+_FUTURE = {"alpha-crown", "crown-optimized", "forward", "forward+backward", "dynamic-forward"}
+
+DEFAULT_OPTS = {
+    "relu": "adaptive",           # lower slope of unstable ReLUs: adaptive | same-slope | zero
+    "conv_mode": "patches",       # patches | matrix (dense), for CROWN through convolutions
+    "memory_budget": 1 << 30,     # bytes of CROWN coefficients per chunk of rows
+    "sparse_intermediate_bounds": True,  # CROWN only for neurons whose relaxation they change
+}
+_OPT_ALIASES = {"activation_bound_option": "relu"}
+_RELU_ALIASES = {"zero-lb": "zero"}
+
+
+def _resolve_method(method: Optional[str], IBP: bool, forward: bool) -> str:
+    if forward:
+        raise NotImplementedError("forward-mode LiRPA is not implemented yet; use method='CROWN'")
+    if method is None:
+        if IBP:
+            return "IBP"
+        raise ValueError("compute_bounds needs a method: 'IBP', 'CROWN' or 'CROWN-IBP'")
+    key = method.lower().replace(" ", "")
+    if key in _FUTURE:
+        raise NotImplementedError(f"method {method!r} is not implemented yet; use 'IBP', 'CROWN' "
+                                  "or 'CROWN-IBP'")
+    if key not in _METHODS:
+        raise ValueError(f"unknown method {method!r}: use 'IBP', 'CROWN' (alias 'backward') or "
+                         "'CROWN-IBP' (alias 'IBP+backward')")
+    m = _METHODS[key]
+    return "CROWN-IBP" if (IBP and m == "CROWN") else m
+
+
+def _add(a: Optional[LinearA], b: Optional[LinearA]) -> Optional[LinearA]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    if isinstance(a, Tensor) and isinstance(b, Patches):
+        return b + a
+    return a + b
+
+
+class BoundedModule(nn.Module):
+    """Wrap ``model`` so that ``compute_bounds`` gives guaranteed output bounds.
+
+    ``global_input`` is an example input (a tensor or tuple of tensors) used to trace and check
+    the model; any batch size works afterwards.  ``bound_opts`` overrides `DEFAULT_OPTS`.
+    """
+
+    def __init__(self, model: nn.Module, global_input: Union[Tensor, Sequence[Tensor]],
+                 bound_opts: Optional[dict] = None, device: Any = None, verbose: bool = False):
+        super().__init__()
+        self.model = model
+        opts = dict(DEFAULT_OPTS)
+        for k, v in (bound_opts or {}).items():
+            k = _OPT_ALIASES.get(k, k)
+            if k in opts:
+                opts[k] = _RELU_ALIASES.get(v, v) if k == "relu" else v
+        if opts["relu"] not in ("adaptive", "same-slope", "zero"):
+            raise ValueError(f"bound_opts relu={opts['relu']!r}: use 'adaptive', 'same-slope' or 'zero'")
+        if opts["conv_mode"] not in ("patches", "matrix"):
+            raise ValueError(f"bound_opts conv_mode={opts['conv_mode']!r}: use 'patches' or 'matrix'")
+        self.bound_opts = opts
+        gm = trace(model)
+        object.__setattr__(self, "_gm", gm)  # shares the user's submodules; not a child module
+        self._nodes: list[BoundNode] = build_nodes(gm)
+        self._by_name = {n.name: n for n in self._nodes}
+        self._index = {n.name: i for i, n in enumerate(self._nodes)}
+        self._placeholders = [n for n in self._nodes if n.kind == "placeholder"]
+        self._output = next(n for n in self._nodes if n.kind == "output")
+        self._consumers: dict[str, list[BoundNode]] = {n.name: [] for n in self._nodes}
+        for n in self._nodes:
+            for i in n.inputs:
+                self._consumers[i].append(n)
+        # Check the model once on the example input; every node that can carry a perturbation
+        # must have a bound rule (so an unsupported op fails here, not mid-training).
+        example = self._as_inputs(global_input)
+        self._input_shapes = [tuple(x.shape[1:]) for x in example]
+        with torch.no_grad():
+            values = self._run(example, perturbed=[True] * len(example))
+        for n in self._nodes:
+            if n.kind.startswith("call") and values[n.name].perturbed:
+                attach_op(n, self.bound_opts)
+        self._final_name = self._output.inputs[0] if self._output.inputs else None
+        out = values[self._final_name].value
+        if not isinstance(out, Tensor):
+            raise TypeError("BoundedModule needs a model that returns one tensor, got "
+                            f"{type(out).__name__}")
+        self._output_shape = tuple(out.shape[1:])
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, *x: Tensor) -> Tensor:
+        """The model's plain output."""
+        return self.model(*[t.as_subclass(Tensor) if isinstance(t, BoundedTensor) else t for t in x])
+
+    @staticmethod
+    def _as_inputs(x) -> list[Tensor]:
+        if isinstance(x, Tensor):
+            return [x]
+        return list(x)
+
+    def _args(self, node: BoundNode, values: dict[str, Value], raw: bool):
+        f = (lambda n: values[n.name].value) if raw else (lambda n: values[n.name])
+        return fx.node.map_arg(node.fx_node.args, f), fx.node.map_arg(node.fx_node.kwargs, f)
+
+    def _run(self, inputs: list[Tensor], perturbed: list[bool]) -> dict[str, Value]:
+        """Clean forward pass through the graph, marking which nodes depend on perturbed inputs."""
+        values: dict[str, Value] = {}
+        it = iter(zip(inputs, perturbed))
+        for n in self._nodes:
+            if n.kind == "placeholder":
+                x, p = next(it)
+                values[n.name] = Value(n.name, x, p)
+                continue
+            if n.kind == "output":
+                continue
+            if n.kind == "get_attr":
+                values[n.name] = Value(n.name, fetch_attr(self._gm, n.fx_node.target))
+                continue
+            args, kwargs = self._args(n, values, raw=True)
+            t = n.fx_node.target
+            if n.kind == "call_module":
+                v = n.module(*args, **kwargs)
+            elif n.kind == "call_method":
+                v = getattr(args[0], t)(*args[1:], **kwargs)
+            else:
+                v = t(*args, **kwargs)
+            pert = (isinstance(v, Tensor) and v.is_floating_point()
+                    and any(values[i].perturbed for i in n.inputs))
+            values[n.name] = Value(n.name, v, pert)
+        return values
+
+    # ---------------------------------------------------------------- checks
+    def _check_inputs(self, x) -> tuple[list[Tensor], list[Optional[Perturbation]]]:
+        xs = self._as_inputs(x)
+        if len(xs) != len(self._placeholders):
+            raise ValueError(f"the model takes {len(self._placeholders)} input(s), got {len(xs)}")
+        plain, ptbs = [], []
+        params = next(iter(self.model.parameters()), None)
+        for i, t in enumerate(xs):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"input {i} must be a tensor or BoundedTensor, got {type(t).__name__}")
+            ptb = getattr(t, "ptb", None) if isinstance(t, BoundedTensor) else None
+            t = t.as_subclass(Tensor) if isinstance(t, BoundedTensor) else t
+            if tuple(t.shape[1:]) != self._input_shapes[i] or t.dim() != len(self._input_shapes[i]) + 1:
+                raise ValueError(f"input {i} has shape {tuple(t.shape)}, but the model was traced with "
+                                 f"per-example shape {self._input_shapes[i]}: pass (batch, "
+                                 f"{', '.join(map(str, self._input_shapes[i]))})")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"input {i} contains NaN or inf")
+            if params is not None and t.is_floating_point() and t.dtype != params.dtype:
+                raise TypeError(f"input {i} is {t.dtype} but the model's parameters are {params.dtype}: "
+                                f"convert one of them (e.g. model.to({t.dtype}))")
+            if ptb is not None:
+                ptb.validate(t)
+            plain.append(t)
+            ptbs.append(ptb)
+        return plain, ptbs
+
+    def _check_C(self, C: Optional[Tensor], batch: int, ref: Tensor) -> Optional[Tensor]:
+        if C is None:
+            return None
+        n_out = math.prod(self._output_shape)
+        if not isinstance(C, Tensor) or C.dim() != 3 or C.shape[0] not in (1, batch) or C.shape[2] != n_out:
+            shape = tuple(C.shape) if isinstance(C, Tensor) else type(C).__name__
+            raise ValueError(f"C must have shape (batch={batch}, n_spec, n_out={n_out}), got {shape}")
+        if not torch.isfinite(C).all():
+            raise ValueError("C contains NaN or inf")
+        return C.to(ref.dtype).expand(batch, *C.shape[1:])
+
+    # ---------------------------------------------------------------- bounds
+    def compute_bounds(self, x: Union[Tensor, Sequence[Tensor], None] = None, C: Optional[Tensor] = None,
+                       method: Optional[str] = "CROWN", IBP: bool = False, forward: bool = False,
+                       bound_lower: bool = True, bound_upper: bool = True, **unused
+                       ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Lower and upper bounds of ``C @ model(x)`` (or of the outputs) over the perturbation.
+
+        Returns (lb, ub), each (batch, n_spec) with C, else (batch, *output_shape); a side not
+        asked for is None.
+        """
+        if x is None:
+            raise ValueError("compute_bounds needs x=(BoundedTensor(...),)")
+        method = _resolve_method(method, IBP, forward)
+        inputs, ptbs = self._check_inputs(x)
+        batch = inputs[0].shape[0]
+        C = self._check_C(C, batch, inputs[0])
+        values = self._run(inputs, [p is not None for p in ptbs])
+        self._ptbs = {n.name: p for n, p in zip(self._placeholders, ptbs)}
+        final = values[self._final_name]
+        if not final.perturbed:
+            out = final.value.flatten(1)
+            out = torch.bmm(C, out.unsqueeze(-1)).squeeze(-1) if C is not None else final.value
+            return (out if bound_lower else None), (out if bound_upper else None)
+        self._intervals(values, refine=(method == "CROWN"))
+        if method == "IBP":
+            lb, ub = self._ibp_output(final, C, values)
+        else:
+            lb, ub = self._crown_output(final, C, values, bound_lower, bound_upper)
+        return (lb if bound_lower else None), (ub if bound_upper else None)
+
+    def _ibp_node(self, n: BoundNode, values: dict[str, Value]):
+        v = values[n.name]
+        if n.kind == "placeholder":
+            return self._ptbs[n.name].interval(v.value)
+        args, kwargs = self._args(n, values, raw=False)
+        return n.op.ibp(*args, **kwargs)
+
+    def _intervals(self, values: dict[str, Value], refine: bool) -> None:
+        """Interval bounds of every perturbed node, in topological order; with ``refine`` the inputs
+        of relaxed ops are tightened by CROWN before their consumers use them."""
+        need = self._needs_bounds(values) if refine else set()
+        for n in self._nodes:
+            v = values.get(n.name)
+            if v is None or not v.perturbed:
+                continue
+            v.lower, v.upper = self._ibp_node(n, values)
+            if n.name in need and not self._ibp_is_exact(n, values):
+                self._refine(n, values)
+
+    def _needs_bounds(self, values) -> set[str]:
+        need = set()
+        for n in self._nodes:
+            if n.op is not None and values.get(n.name) is not None and values[n.name].perturbed:
+                for i in n.op.relaxed_inputs:
+                    need.add(n.inputs[i])
+        return need
+
+    def _ibp_is_exact(self, n: BoundNode, values) -> bool:
+        """IBP is as tight as CROWN for a linear layer fed directly by a box, and (as in auto_LiRPA)
+        is used for the output of a monotone elementwise op, whose input bounds are already tight."""
+        if n.op is None:
+            return True
+        if isinstance(n.op, (BoundLinear, BoundConv2d)):
+            src = self._by_name[n.inputs[0]]
+            return src.kind == "placeholder" and isinstance(self._ptbs[src.name], PerturbationLpNorm) \
+                and self._ptbs[src.name].norm == math.inf
+        return getattr(n.op, "relaxed_inputs", ()) == (0,) and hasattr(n.op, "relax")
+
+    def _refine(self, n: BoundNode, values: dict[str, Value]) -> None:
+        v = values[n.name]
+        shape = v.value.shape[1:]
+        numel = math.prod(shape)
+        rows = None  # None: every neuron
+        if self.bound_opts["sparse_intermediate_bounds"]:
+            masks = []
+            for c in self._consumers[n.name]:
+                if c.op is None or not values[c.name].perturbed:
+                    continue
+                if any(c.inputs[i] == n.name for i in c.op.relaxed_inputs):
+                    masks.append(c.op.rows_to_refine(v.lower, v.upper))
+            if masks and all(m is not None for m in masks):
+                rows = torch.stack(masks).any(0).nonzero().flatten()
+                if rows.numel() == 0:
+                    return
+                if rows.numel() > 0.9 * numel:  # nearly all: bound every neuron (auto_LiRPA's rule)
+                    rows = None
+        all_rows = torch.arange(numel, device=v.value.device) if rows is None else rows
+        lb, ub = self._backward_rows(n, all_rows, values)
+        if rows is None:
+            v.lower, v.upper = lb.view_as(v.value), ub.view_as(v.value)
+        else:
+            lo, up = v.lower.flatten(1).clone(), v.upper.flatten(1).clone()
+            lo[:, rows], up[:, rows] = lb, ub
+            v.lower, v.upper = lo.view_as(v.value), up.view_as(v.value)
+
+    def _chunk_rows(self, start: BoundNode, values, batch: int, itemsize: int) -> int:
+        """Rows per chunk so that the dense coefficients of the widest node fit the budget."""
+        widest = max(math.prod(values[n.name].value.shape[1:]) for n in self._nodes[: self._index[start.name] + 1]
+                     if n.name in values and values[n.name].perturbed)
+        per_row = batch * widest * itemsize * 4
+        return max(1, int(self.bound_opts["memory_budget"] // per_row))
+
+    def _backward_rows(self, n: BoundNode, rows: Tensor, values, lower=True, upper=True):
+        """CROWN bounds of the given flat neurons of node n."""
+        v = values[n.name].value
+        B, shape = v.shape[0], tuple(v.shape[1:])
+        step = self._chunk_rows(n, values, B, v.element_size())
+        lbs, ubs = [], []
+        for s in range(0, rows.numel(), step):
+            r = rows[s:s + step]
+            if len(shape) == 3 and self.bound_opts["conv_mode"] == "patches":
+                A0 = Patches.identity(B, shape, r, v.dtype, v.device)
+            else:
+                A0 = torch.zeros(B, r.numel(), math.prod(shape), dtype=v.dtype, device=v.device)
+                A0[:, torch.arange(r.numel(), device=v.device), r] = 1.0
+                A0 = A0.view(B, r.numel(), *shape)
+            lb, ub = self._backward(n, A0, values, lower, upper)
+            lbs.append(lb)
+            ubs.append(ub)
+        return (torch.cat(lbs, 1) if lower else None), (torch.cat(ubs, 1) if upper else None)
+
+    def _backward(self, start: BoundNode, A0: LinearA, values: dict[str, Value], lower: bool, upper: bool):
+        """Propagate linear bounds A0 on ``start`` back to the inputs and concretize them."""
+        acc: dict[str, list] = {start.name: [A0 if lower else None, A0 if upper else None]}
+        ref = values[start.name].value
+        zero = ref.new_zeros(ref.shape[0], A0.n_rows if isinstance(A0, Patches) else A0.shape[1])
+        lb, ub = zero, zero
+        dense = self.bound_opts["conv_mode"] == "matrix"
+        for n in reversed(self._nodes[: self._index[start.name] + 1]):
+            entry = acc.pop(n.name, None)
+            if entry is None:
+                continue
+            la, ua = entry
+            if n.kind == "placeholder":
+                ptb, x0 = self._ptbs[n.name], values[n.name].value
+                if la is not None:
+                    lb = lb + ptb.concretize(x0, la, -1)
+                if ua is not None:
+                    ub = ub + ptb.concretize(x0, ua, +1)
+                continue
+            if not n.op.supports_patches or dense:
+                same = la is ua
+                la = to_dense(la) if la is not None else None
+                ua = la if same else (to_dense(ua) if ua is not None else None)
+            args, kwargs = self._args(n, values, raw=False)
+            res, lbias, ubias = n.op.backward(la, ua, *args, **kwargs)
+            lb = lb + lbias
+            ub = ub + ubias
+            for inp, la_i, ua_i in res:
+                if not inp.perturbed:
+                    continue
+                shared = la_i is ua_i
+                la_i = self._compact(la_i)
+                ua_i = la_i if shared else self._compact(ua_i)
+                cur = acc.get(inp.name)
+                if cur is None:
+                    acc[inp.name] = [la_i, ua_i]
+                elif shared and cur[0] is cur[1]:
+                    cur[0] = cur[1] = _add(cur[0], la_i)
+                else:
+                    cur[0], cur[1] = _add(cur[0], la_i), _add(cur[1], ua_i)
+        return lb, ub
+
+    @staticmethod
+    def _compact(A: Optional[LinearA]) -> Optional[LinearA]:
+        """Patches whose window covers the whole node are cheaper as dense coefficients."""
+        if isinstance(A, Patches):
+            kh, kw = A.kernel
+            if kh * kw >= A.shape[1] * A.shape[2]:
+                return A.to_dense()
+        return A
+
+    def _crown_output(self, final: Value, C: Optional[Tensor], values, lower: bool, upper: bool):
+        node = self._by_name[final.name]
+        out = final.value
+        B = out.shape[0]
+        if C is None:
+            n_out = math.prod(self._output_shape)
+            C = torch.eye(n_out, dtype=out.dtype, device=out.device).expand(B, n_out, n_out)
+        step = self._chunk_rows(node, values, B, out.element_size())
+        lbs, ubs = [], []
+        for s in range(0, C.shape[1], step):
+            A0 = C[:, s:s + step].reshape(B, -1, *self._output_shape)
+            lb, ub = self._backward(node, A0, values, lower, upper)
+            lbs.append(lb)
+            ubs.append(ub)
+        lb = torch.cat(lbs, 1) if lower else None
+        ub = torch.cat(ubs, 1) if upper else None
+        return lb, ub
+
+    def _ibp_output(self, final: Value, C: Optional[Tensor], values: dict[str, Value]):
+        if C is None:
+            return final.lower, final.upper
+        node = self._by_name[final.name]
+        if isinstance(node.op, BoundLinear):
+            args, kwargs = self._args(node, values, raw=False)
+            folded = node.op.ibp_spec(C, *args, **kwargs)
+            if folded is not None:
+                return folded
+        l, u = final.lower.flatten(1), final.upper.flatten(1)
+        c, r = (u + l) / 2, (u - l) / 2
+        c = torch.bmm(C, c.unsqueeze(-1)).squeeze(-1)
+        r = torch.bmm(C.abs(), r.unsqueeze(-1)).squeeze(-1)
+        return c - r, c + r

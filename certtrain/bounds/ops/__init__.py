@@ -1,0 +1,7 @@
+"""Bound rules, one concept per module; importing this package registers them all."""
+from . import (activation, arithmetic, batchnorm, concat, conv, identity, linear, pooling,  # noqa: F401
+               relu, reshape, s_shaped)
+from .base import BoundOp, LinearOp, Value
+from .registry import OPS, UnsupportedOperation, register_op
+
+__all__ = ["BoundOp", "LinearOp", "Value", "OPS", "UnsupportedOperation", "register_op"]

@@ -1,0 +1,126 @@
+"""The contract between the graph walk and a bound rule.
+
+A bound rule is one `BoundOp` subclass: `ibp` maps input intervals to an output interval, and
+`backward` maps linear bounds on its output (CROWN's ``A`` matrices) to linear bounds on its
+inputs plus a constant term.  The graph walk (`certtrain.bounds.module`) never looks inside.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch
+from torch import Tensor, fx, nn
+
+from ..patches import LinearA, Patches
+
+Interval = tuple[Tensor, Tensor]
+
+
+@dataclass(eq=False)
+class Value:
+    """A graph node's state in one bound computation: its clean value and, if it depends on a
+    perturbed input, its interval bounds."""
+
+    name: str
+    value: Any
+    perturbed: bool = False
+    lower: Optional[Tensor] = None
+    upper: Optional[Tensor] = None
+
+    @property
+    def bounds(self) -> Interval:
+        return (self.lower, self.upper) if self.perturbed else (self.value, self.value)
+
+
+def const(v: Any) -> Any:
+    """The clean value of an argument (a `Value` or a plain Python constant)."""
+    return v.value if isinstance(v, Value) else v
+
+
+def is_perturbed(v: Any) -> bool:
+    return isinstance(v, Value) and v.perturbed
+
+
+# One side of a backward result: (input Value, lA or None, uA or None).
+InputA = tuple[Value, Optional[LinearA], Optional[LinearA]]
+
+
+class BoundOp:
+    """Bound rule of one operation.
+
+    Subclasses set ``targets`` (nn.Module classes, functions, or method names as ``"method:name"``)
+    and are registered with `register_op`.  ``args``/``kwargs`` hold `Value` objects where the fx
+    node had graph inputs, and plain constants elsewhere.
+    """
+
+    targets: ClassVar[Sequence[Any]] = ()
+    supports_patches: ClassVar[bool] = False
+    # Indices of the inputs whose interval bounds `backward` needs (the relaxation's l, u).
+    relaxed_inputs: ClassVar[tuple[int, ...]] = ()
+
+    def __init__(self, node: fx.Node, module: Optional[nn.Module], opts: dict):
+        self.node, self.module, self.opts = node, module, opts
+
+    def ibp(self, *args, **kwargs) -> Interval:
+        raise NotImplementedError
+
+    def apply(self, first: Tensor, *args, **kwargs) -> Tensor:
+        """Run the original op with ``first`` in place of its first input (constants elsewhere)."""
+        args = [const(a) for a in args]
+        kwargs = {k: const(v) for k, v in kwargs.items()}
+        if self.module is not None:
+            return self.module(first, *args, **kwargs)
+        if self.node.op == "call_method":
+            return getattr(first, self.node.target)(*args, **kwargs)
+        return self.node.target(first, *args, **kwargs)
+
+    def backward(self, lA: Optional[LinearA], uA: Optional[LinearA], *args, **kwargs
+                 ) -> tuple[list[InputA], Any, Any]:
+        """Return ([(input, lA_in, uA_in), ...], lower bias, upper bias); biases are (B, N) or 0."""
+        raise NotImplementedError
+
+    def rows_to_refine(self, lower: Tensor, upper: Tensor) -> Optional[Tensor]:
+        """Mask (per flat neuron, any example) of relaxed-input neurons whose bounds matter;
+        None means all of them."""
+        return None
+
+
+class LinearOp(BoundOp):
+    """An op that is affine in its perturbed inputs: the same map serves lA and uA."""
+
+    def backward_one(self, A: LinearA, *args, **kwargs) -> tuple[list[tuple[Value, LinearA]], Any]:
+        raise NotImplementedError
+
+    def backward(self, lA, uA, *args, **kwargs):
+        if lA is not None and lA is uA:  # same coefficients on both sides: map them once
+            res, bias = self.backward_one(lA, *args, **kwargs)
+            return [(v, a, a) for v, a in res], bias, bias
+        outs: dict[int, list] = {}
+        biases = []
+        for side, A in enumerate((lA, uA)):
+            if A is None:
+                biases.append(0)
+                continue
+            res, bias = self.backward_one(A, *args, **kwargs)
+            biases.append(bias)
+            for v, a in res:
+                outs.setdefault(id(v), [v, None, None])[1 + side] = a
+        return [tuple(o) for o in outs.values()], biases[0], biases[1]
+
+
+def unbroadcast(A: LinearA, shape: torch.Size) -> LinearA:
+    """Sum a (B, N, *out) coefficient tensor down to an input of per-example ``shape`` that was
+    broadcast to ``out`` in the forward pass (the adjoint of broadcasting)."""
+    if isinstance(A, Patches):
+        if tuple(shape) == tuple(A.shape):
+            return A
+        A = A.to_dense()
+    out = A.shape[2:]
+    if tuple(out) == tuple(shape):
+        return A
+    extra = len(out) - len(shape)
+    if extra > 0:
+        A = A.sum(dim=tuple(range(2, 2 + extra)))
+    dims = tuple(i + 2 for i, (s, o) in enumerate(zip(shape, A.shape[2:])) if s == 1 and o != 1)
+    return A.sum(dim=dims, keepdim=True) if dims else A

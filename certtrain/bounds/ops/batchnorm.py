@@ -1,0 +1,61 @@
+"""Batch normalization as a per-channel affine map.
+
+In eval mode the running statistics are used; in training mode the statistics of the clean batch
+(the forward pass) are used and the perturbed inputs do not change them, as certified training
+does (Gowal et al. 2018; Shi et al. 2021).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..patches import Patches
+from .base import LinearOp
+from .conv import channel_bias
+from .registry import register_op
+
+
+@register_op("BatchNorm")
+class BoundBatchNorm(LinearOp):
+    targets = (nn.BatchNorm1d, nn.BatchNorm2d)
+    supports_patches = True
+
+    def affine(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) per channel so that y = scale * x + shift."""
+        m = self.module
+        v = x.value
+        if m.training or m.running_mean is None:
+            dims = [0] + list(range(2, v.dim()))
+            mean, var = v.mean(dims), v.var(dims, unbiased=False)
+        else:
+            mean, var = m.running_mean, m.running_var
+        scale = torch.rsqrt(var + m.eps)
+        if m.weight is not None:
+            scale = scale * m.weight
+        shift = -mean * scale
+        if m.bias is not None:
+            shift = shift + m.bias
+        return scale.to(v.dtype), shift.to(v.dtype)
+
+    def _bcast(self, t, nd):
+        return t.view(1, -1, *([1] * (nd - 2)))
+
+    def ibp(self, x):
+        scale, shift = self.affine(x)
+        l, u = x.bounds
+        s, t = self._bcast(scale, l.dim()), self._bcast(shift, l.dim())
+        c, r = (u + l) / 2, (u - l) / 2
+        c, r = c * s + t, r * s.abs()
+        return c - r, c + r
+
+    def backward_one(self, A, x):
+        scale, shift = self.affine(x)
+        if isinstance(A, Patches):
+            return [(x, A.with_patches(A.patches * scale.view(1, 1, -1, 1, 1)))], channel_bias(A, shift)
+        nd = A.dim() - 1
+        nA = A * scale.view(1, 1, -1, *([1] * (nd - 2)))
+        if A.dim() == 3:
+            bias = A.matmul(shift)
+        else:
+            bias = channel_bias(A, shift) if A.dim() > 4 else A.sum(-1).matmul(shift)
+        return [(x, nA)], bias

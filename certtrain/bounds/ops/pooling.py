@@ -1,0 +1,138 @@
+"""Pooling: average pooling is a depthwise convolution with uniform weights; max pooling uses
+the relaxation of auto_LiRPA (lower line: the input with the largest lower bound; upper line:
+that input when it dominates its window, else the window's largest upper bound)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..patches import Patches
+from .activation import relax_backward
+from .base import BoundOp, LinearOp, const
+from .conv import _pair, conv_backward
+from .registry import UnsupportedOperation, register_op
+
+
+def _node_arg(node, i, name, default):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+class _UniformPool(LinearOp):
+    """Average pooling over k x k windows with stride s and zero padding p (count_include_pad)."""
+
+    supports_patches = True
+
+    def geometry(self, x):
+        raise NotImplementedError
+
+    def ibp(self, x):
+        k, s, p = self.geometry(x)
+        l, u = x.bounds
+        return F.avg_pool2d(l, k, s, p), F.avg_pool2d(u, k, s, p)
+
+    def backward_one(self, A, x):
+        k, s, p = self.geometry(x)
+        C = x.value.shape[1]
+        w = torch.full((C, 1, *k), 1.0 / (k[0] * k[1]), dtype=x.value.dtype, device=x.value.device)
+        return [(x, conv_backward(A, w, s, p, 1, C, x.value.shape[1:]))], 0
+
+
+@register_op("AvgPool2d")
+class BoundAvgPool2d(_UniformPool):
+    targets = (nn.AvgPool2d, F.avg_pool2d)
+
+    def geometry(self, x):
+        if self.module is not None:
+            m = self.module
+            k, s, p, ceil, cip, div = m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
+        else:
+            n = self.node
+            k = _node_arg(n, 1, "kernel_size", None)
+            s = _node_arg(n, 2, "stride", None) or k
+            p = _node_arg(n, 3, "padding", 0)
+            ceil = _node_arg(n, 4, "ceil_mode", False)
+            cip = _node_arg(n, 5, "count_include_pad", True)
+            div = _node_arg(n, 6, "divisor_override", None)
+        k, s, p = _pair(k), _pair(s if s is not None else k), _pair(p)
+        if ceil or div is not None or (not cip and any(p)):
+            raise UnsupportedOperation(
+                f"AvgPool2d at node '{self.node.name}' with ceil_mode/divisor_override/"
+                "count_include_pad=False and padding has no bound rule; use the defaults")
+        return k, s, p
+
+
+@register_op("AdaptiveAvgPool2d")
+class BoundAdaptiveAvgPool2d(_UniformPool):
+    targets = (nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d)
+
+    def geometry(self, x):
+        out = self.module.output_size if self.module is not None else _node_arg(self.node, 1, "output_size", None)
+        H, W = x.value.shape[-2:]
+        oh, ow = _pair(out)
+        oh, ow = oh or H, ow or W
+        if H % oh or W % ow:
+            raise UnsupportedOperation(
+                f"AdaptiveAvgPool2d at node '{self.node.name}': output {oh}x{ow} does not divide "
+                f"the input {H}x{W}; only uniform windows have a bound rule")
+        k = (H // oh, W // ow)
+        return k, k, (0, 0)
+
+
+@register_op("MaxPool2d")
+class BoundMaxPool2d(BoundOp):
+    targets = (nn.MaxPool2d, F.max_pool2d)
+    relaxed_inputs = (0,)
+
+    def geometry(self):
+        if self.module is not None:
+            m = self.module
+            k, s, p, d, ceil = m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode
+        else:
+            n = self.node
+            k = _node_arg(n, 1, "kernel_size", None)
+            s = _node_arg(n, 2, "stride", None) or k
+            p, d = _node_arg(n, 3, "padding", 0), _node_arg(n, 4, "dilation", 1)
+            ceil = _node_arg(n, 5, "ceil_mode", False)
+        k, s, p, d = _pair(k), _pair(s if s is not None else k), _pair(p), _pair(d)
+        if ceil or d != (1, 1):
+            raise UnsupportedOperation(f"MaxPool2d at node '{self.node.name}' with ceil_mode or "
+                                       "dilation has no bound rule")
+        return k, s, p
+
+    def ibp(self, x):
+        k, s, p = self.geometry()
+        l, u = x.bounds
+        return F.max_pool2d(l, k, s, p), F.max_pool2d(u, k, s, p)
+
+    def backward(self, lA, uA, x):
+        k, s, p = self.geometry()
+        l, u = x.bounds
+        B, C, H, W = l.shape
+        # i*: the input with the largest lower bound in each window (padding never wins).
+        lmax, idx = F.max_pool2d(l, k, s, p, return_indices=True)
+        umax = F.max_pool2d(u, k, s, p)
+        # Largest upper bound among the other inputs of the window.
+        u_mask = u.flatten(2).scatter(2, idx.flatten(2), float("-inf")).view_as(u)
+        u_other = F.max_pool2d(u_mask, k, s, p)
+        dominant = lmax >= u_other
+        one = torch.ones_like(lmax)
+        du = torch.where(dominant, one, torch.zeros_like(lmax))
+        bu = torch.where(dominant, torch.zeros_like(lmax), umax)
+
+        def to_input(A):
+            if A is None:
+                return None
+            A = A.to_dense() if isinstance(A, Patches) else A
+            Bn, N = A.shape[:2]
+            # Adjoint of "pick x[idx]": scatter-add each output coefficient onto its argmax.
+            out = A.new_zeros(Bn, N, C, H * W)
+            index = idx.flatten(2).unsqueeze(1).expand(Bn, N, C, -1)
+            return out.scatter_add_(3, index, A.flatten(3)).view(Bn, N, C, H, W)
+
+        # Lower line y >= x[i*] (slope 1 on i*); upper line du * x[i*] + bu.
+        nl, lbias = relax_backward(lA, one, None, du, bu)
+        nu, ubias = relax_backward(uA, du, bu, one, None)
+        return [(x, to_input(nl), to_input(nu))], lbias, ubias

@@ -1,0 +1,111 @@
+"""Perturbation sets around an input.
+
+The graph walk needs only two things from a perturbation (Xu et al. 2020, Sec. 3.1), so new sets
+(L0 budgets, synonym substitutions, weight balls) plug in without touching it:
+
+* ``interval(x0)``: a box [lower, upper] that contains the set, where IBP starts;
+* ``concretize(x0, A, sign)``: the exact minimum (sign=-1) or maximum (sign=+1) over the set of
+  the linear functions ``A x`` (one per row of A), where CROWN ends.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from .patches import LinearA, a_dot, a_flat, a_map
+
+Number = Union[float, int]
+
+
+class Perturbation:
+    """Base class: a set of inputs around a clean input x0."""
+
+    def interval(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
+        raise NotImplementedError
+
+    def validate(self, x0: Tensor) -> None:
+        """Raise ValueError on settings that cannot describe a set around x0."""
+
+
+def _as_tensor(v, like: Tensor) -> Optional[Tensor]:
+    if v is None:
+        return None
+    return torch.as_tensor(v, dtype=like.dtype, device=like.device)
+
+
+class PerturbationLpNorm(Perturbation):
+    """The Lp ball ``{x : ||x - x0||_p <= eps}`` (p = inf, 2 or 1), per example.
+
+    For p = inf, ``eps`` may be a scalar or a tensor broadcastable to x0 (per-element radius), and
+    the optional ``x_L``/``x_U`` give an elementwise domain (e.g. pixel range [0, 1]): the set is
+    the box ``[max(x0 - eps, x_L), min(x0 + eps, x_U)]``.  For p = 2 and 1 the ball is taken whole
+    (a domain only narrows the IBP box, which stays sound).
+    """
+
+    def __init__(self, eps: Union[Number, Tensor] = 0.0, norm: Number = math.inf,
+                 x_L: Union[Number, Tensor, None] = None, x_U: Union[Number, Tensor, None] = None):
+        norm = float(norm)
+        if norm not in (math.inf, 2.0, 1.0):
+            raise ValueError(f"PerturbationLpNorm supports norm=inf, 2 or 1, got norm={norm}")
+        self.eps, self.norm, self.x_L, self.x_U = eps, norm, x_L, x_U
+        # Dual norm q with 1/p + 1/q = 1: max_{||d||_p<=eps} a.d = eps * ||a||_q.
+        self.dual_norm = {math.inf: 1.0, 2.0: 2.0, 1.0: math.inf}[norm]
+
+    def __repr__(self) -> str:
+        eps = self.eps if not isinstance(self.eps, Tensor) else f"tensor{tuple(self.eps.shape)}"
+        return f"PerturbationLpNorm(norm={self.norm}, eps={eps})"
+
+    def validate(self, x0: Tensor) -> None:
+        eps = torch.as_tensor(self.eps)
+        if not torch.isfinite(eps).all():
+            raise ValueError(f"eps must be finite, got {self.eps}")
+        if (eps < 0).any():
+            raise ValueError(f"eps must be >= 0, got min eps {eps.min().item()}")
+        if self.norm != math.inf and eps.numel() > 1 and eps.numel() != x0.shape[0]:
+            raise ValueError("for L2/L1 balls eps must be a scalar or one value per example "
+                             f"(shape ({x0.shape[0]},)), got shape {tuple(eps.shape)}")
+        if eps.dim() > 0 and self.norm == math.inf:
+            try:
+                torch.broadcast_shapes(eps.shape, x0.shape)
+            except RuntimeError:
+                raise ValueError(f"eps of shape {tuple(eps.shape)} does not broadcast to the input "
+                                 f"shape {tuple(x0.shape)}") from None
+        for name in ("x_L", "x_U"):
+            v = getattr(self, name)
+            if v is not None:
+                v = torch.as_tensor(v)
+                if torch.isnan(v).any():
+                    raise ValueError(f"{name} contains NaN")
+        if self.x_L is not None and self.x_U is not None:
+            if (torch.as_tensor(self.x_L) > torch.as_tensor(self.x_U)).any():
+                raise ValueError("x_L > x_U somewhere: the input domain is empty")
+
+    def _eps(self, x0: Tensor) -> Tensor:
+        eps = _as_tensor(self.eps, x0)
+        if self.norm != math.inf and eps.dim() == 1:
+            eps = eps.view(-1, *([1] * (x0.dim() - 1)))
+        return eps
+
+    def interval(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        eps = self._eps(x0)
+        lo, hi = x0 - eps, x0 + eps
+        if self.x_L is not None:
+            lo = torch.maximum(lo, _as_tensor(self.x_L, x0).expand_as(lo))
+        if self.x_U is not None:
+            hi = torch.minimum(hi, _as_tensor(self.x_U, x0).expand_as(hi))
+        return lo, hi
+
+    def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
+        if self.norm == math.inf:
+            lo, hi = self.interval(x0)
+            center, radius = (hi + lo) / 2, (hi - lo) / 2
+            return a_dot(A, center) + sign * a_dot(a_map(A, torch.abs), radius)
+        eps = self._eps(x0).reshape(-1, 1) if torch.as_tensor(self.eps).dim() else self._eps(x0)
+        norm = a_flat(A).norm(p=self.dual_norm, dim=-1)
+        return a_dot(A, x0) + sign * eps * norm
