@@ -233,8 +233,10 @@ class BoundedModule(nn.Module):
     def _ibp_node(self, n: BoundNode, values: dict[str, Value]):
         v = values[n.name]
         if n.kind == "placeholder":
+            v.ball = self._ptbs[n.name].ball(v.value)
             return self._ptbs[n.name].interval(v.value)
         args, kwargs = self._args(n, values, raw=False)
+        v.ball = n.op.ibp_ball(*args, **kwargs)
         return n.op.ibp(*args, **kwargs)
 
     def _intervals(self, values: dict[str, Value], refine: bool) -> None:

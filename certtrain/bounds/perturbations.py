@@ -29,6 +29,10 @@ class Perturbation:
     def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
         raise NotImplementedError
 
+    def ball(self, x0: Tensor) -> Optional[tuple]:
+        """(centre, eps, dual norm q) when the set is an Lp ball that IBP should keep whole."""
+        return None
+
     def validate(self, x0: Tensor) -> None:
         """Raise ValueError on settings that cannot describe a set around x0."""
 
@@ -100,6 +104,12 @@ class PerturbationLpNorm(Perturbation):
         if self.x_U is not None:
             hi = torch.minimum(hi, _as_tensor(self.x_U, x0).expand_as(hi))
         return lo, hi
+
+    def ball(self, x0: Tensor) -> Optional[tuple]:
+        if self.norm == math.inf:
+            return None
+        eps = self._eps(x0)
+        return x0, (eps.reshape(-1, 1) if eps.dim() else eps), self.dual_norm
 
     def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
         if self.norm == math.inf:

@@ -27,6 +27,9 @@ class Value:
     perturbed: bool = False
     lower: Optional[Tensor] = None
     upper: Optional[Tensor] = None
+    # An Lp ball (centre, eps, p) that contains the node's values, kept through ops that map
+    # balls to balls so that the next linear layer can use the dual norm (auto_LiRPA's IBP).
+    ball: Optional[tuple] = None
 
     @property
     def bounds(self) -> Interval:
@@ -64,6 +67,10 @@ class BoundOp:
 
     def ibp(self, *args, **kwargs) -> Interval:
         raise NotImplementedError
+
+    def ibp_ball(self, *args, **kwargs) -> Optional[tuple]:
+        """For ops that map an Lp ball on their input to a ball on their output: that ball."""
+        return None
 
     def apply(self, first: Tensor, *args, **kwargs) -> Tensor:
         """Run the original op with ``first`` in place of its first input (constants elsewhere)."""

@@ -48,6 +48,14 @@ class BoundBatchNorm(LinearOp):
         c, r = c * s + t, r * s.abs()
         return c - r, c + r
 
+    def ibp_ball(self, x):
+        if x.ball is None:
+            return None
+        scale, shift = self.affine(x)
+        c0, eps, q = x.ball
+        # ||s * d||_p <= max|s| * ||d||_p: the image of a ball is inside a ball.
+        return c0 * self._bcast(scale, c0.dim()) + self._bcast(shift, c0.dim()), eps * scale.abs().max(), q
+
     def backward_one(self, A, x):
         scale, shift = self.affine(x)
         if isinstance(A, Patches):

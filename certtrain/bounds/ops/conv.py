@@ -94,6 +94,13 @@ class BoundConv2d(LinearOp):
 
     def ibp(self, x, *args):
         w, b, s, p, d, g = self.params((x, *args))
+        if x.ball is not None:
+            # Dual norm of each whole filter: an upper bound of the norm of its part inside the
+            # padded input, as in auto_LiRPA's IBP for Lp balls.
+            c0, eps, q = x.ball
+            c = F.conv2d(c0, w, b, s, p, d, g)
+            r = eps * w.flatten(1).norm(p=q, dim=1).view(1, -1, 1, 1)
+            return c - r, c + r
         return conv_ibp(*x.bounds, w, b, s, p, d, g)
 
     def backward_one(self, A, x, *args):

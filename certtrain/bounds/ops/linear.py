@@ -22,6 +22,12 @@ class BoundLinear(LinearOp):
 
     def ibp(self, x, *args):
         w, b = self.params((x, *args))
+        if x.ball is not None:
+            # Dual norm over an Lp ball: W x0 + b +- eps * ||W_i||_q.
+            c, eps, q = x.ball
+            c = F.linear(c, w, b)
+            r = eps * w.norm(p=q, dim=1)
+            return c - r, c + r
         l, u = x.bounds
         # Centre/radius form: W c + b +- |W| r (Gowal et al. 2018, eq. 6).
         c, r = (u + l) / 2, (u - l) / 2
@@ -38,6 +44,11 @@ class BoundLinear(LinearOp):
             return None
         w2 = torch.matmul(C, w)  # (B, S, in)
         b2 = torch.matmul(C, b) if b is not None else 0
+        if x.ball is not None:
+            c0, eps, q = x.ball
+            c = torch.bmm(w2, c0.unsqueeze(-1)).squeeze(-1) + b2
+            r = eps * w2.norm(p=q, dim=-1)
+            return c - r, c + r
         c, r = (u + l) / 2, (u - l) / 2
         c = torch.bmm(w2, c.unsqueeze(-1)).squeeze(-1) + b2
         r = torch.bmm(w2.abs(), r.unsqueeze(-1)).squeeze(-1)

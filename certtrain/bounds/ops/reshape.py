@@ -31,6 +31,12 @@ class BoundReshape(LinearOp):
         self._check(x, lo.shape)
         return lo, up
 
+    def ibp_ball(self, x, *args, **kwargs):
+        if x.ball is None:
+            return None
+        c0, eps, q = x.ball
+        return self.apply(c0, *args, **kwargs), eps, q
+
     def backward_one(self, A, x, *args, **kwargs):
         if isinstance(A, Patches):
             A = A.to_dense()
