@@ -77,8 +77,11 @@ class Patches:
         rows, cols, pad = self._index()
         if any(pad):
             t = F.pad(t, pad)
-        out = t[:, :, rows[:, :, None], cols[:, None, :]]  # (B', C', N, kh, kw)
-        return out.transpose(1, 2)
+        Wp = t.shape[-1]
+        # One flat gather along the spatial axis (much faster than 2-D advanced indexing).
+        idx = (rows[:, :, None] * Wp + cols[:, None, :]).flatten()
+        out = t.flatten(2).index_select(2, idx)
+        return out.view(*t.shape[:2], *rows.shape, cols.shape[1]).transpose(1, 2)
 
     def dot(self, t: Tensor) -> Tensor:
         """Row-wise inner product with a node-shaped tensor t: (B, N)."""

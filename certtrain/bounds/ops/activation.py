@@ -12,33 +12,54 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..patches import LinearA, a_dot, a_map, a_scale
+from ..patches import LinearA, Patches
 from .base import BoundOp
 
 Lines = tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]
 
 
-def _pos(A):
-    return a_map(A, lambda t: t.clamp(min=0))
+def relax_backward(lA: Optional[LinearA], uA: Optional[LinearA], dl: Tensor, bl: Optional[Tensor],
+                   du: Tensor, bu: Optional[Tensor]):
+    """Map both sides through the lines; returns (lA', lower bias, uA', upper bias).
 
-
-def _neg(A):
-    return a_map(A, lambda t: t.clamp(max=0))
-
-
-def relax_backward(A: Optional[LinearA], d_pos, b_pos, d_neg, b_neg):
-    """Coefficients and constant for one side: positive entries use (d_pos, b_pos), negative
-    entries use (d_neg, b_neg)."""
+    For the lower bound a row's positive entries take the lower line and its negative entries the
+    upper line; for the upper bound the reverse."""
+    A = lA if lA is not None else uA
     if A is None:
-        return None, 0
-    pos, neg = _pos(A), _neg(A)
-    nA = a_scale(pos, d_pos) + a_scale(neg, d_neg)
-    bias = 0
-    if b_pos is not None:
-        bias = bias + a_dot(pos, b_pos)
-    if b_neg is not None:
-        bias = bias + a_dot(neg, b_neg)
-    return nA, bias
+        return None, 0, None, 0
+    parts = [dl, du] + [b for b in (bl, bu) if b is not None]
+    if isinstance(A, Patches):
+        # One gather of all the per-neuron lines into the rows' windows.
+        ext = A.extract(torch.cat([p.expand_as(dl) for p in parts], 1))
+        parts = list(ext.chunk(len(parts), dim=2))
+    else:
+        parts = [p.unsqueeze(1) for p in parts]
+    dl, du = parts[0], parts[1]
+    rest = parts[2:]
+    bl = rest.pop(0) if bl is not None else None
+    bu = rest.pop(0) if bu is not None else None
+
+    def side(A, d_pos, b_pos, d_neg, b_neg):
+        if A is None:
+            return None, 0
+        a = A.patches if isinstance(A, Patches) else A
+        pos = a >= 0
+        na = torch.where(pos, d_pos, d_neg) * a
+        if b_pos is None and b_neg is None:
+            bias = 0
+        else:
+            if b_pos is None:
+                b = torch.where(pos, 0.0, b_neg)
+            elif b_neg is None:
+                b = torch.where(pos, b_pos, 0.0)
+            else:
+                b = torch.where(pos, b_pos, b_neg)
+            bias = (b * a).flatten(2).sum(-1)
+        return (A.with_patches(na) if isinstance(A, Patches) else na), bias
+
+    nl, lbias = side(lA, dl, bl, du, bu)
+    nu, ubias = side(uA, du, bu, dl, bl)
+    return nl, lbias, nu, ubias
 
 
 class ElementwiseRelaxOp(BoundOp):
@@ -59,6 +80,5 @@ class ElementwiseRelaxOp(BoundOp):
 
     def backward(self, lA, uA, x, *args, **kwargs):
         dl, bl, du, bu = self.relax(*x.bounds)
-        nl, lbias = relax_backward(lA, dl, bl, du, bu)
-        nu, ubias = relax_backward(uA, du, bu, dl, bl)
+        nl, lbias, nu, ubias = relax_backward(lA, uA, dl, bl, du, bu)
         return [(x, nl, nu)], lbias, ubias

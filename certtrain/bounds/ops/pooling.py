@@ -133,6 +133,5 @@ class BoundMaxPool2d(BoundOp):
             return out.scatter_add_(3, index, A.flatten(3)).view(Bn, N, C, H, W)
 
         # Lower line y >= x[i*] (slope 1 on i*); upper line du * x[i*] + bu.
-        nl, lbias = relax_backward(lA, one, None, du, bu)
-        nu, ubias = relax_backward(uA, du, bu, one, None)
+        nl, lbias, nu, ubias = relax_backward(lA, uA, one, None, du, bu)
         return [(x, to_input(nl), to_input(nu))], lbias, ubias
