@@ -119,9 +119,9 @@ class BoundNeg(LinearOp):
     targets = (operator.neg, torch.neg, "method:neg")
     supports_patches = True
 
-    def ibp(self, x):
+    def ibp(self, x, *args, **kwargs):
         l, u = x.bounds
         return -u, -l
 
-    def backward_one(self, A, x):
+    def backward_one(self, A, x, *args, **kwargs):
         return [(x, A.with_patches(-A.patches) if isinstance(A, Patches) else -A)], 0

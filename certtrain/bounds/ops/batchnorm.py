@@ -40,7 +40,7 @@ class BoundBatchNorm(LinearOp):
     def _bcast(self, t, nd):
         return t.view(1, -1, *([1] * (nd - 2)))
 
-    def ibp(self, x):
+    def ibp(self, x, *args, **kwargs):
         scale, shift = self.affine(x)
         l, u = x.bounds
         s, t = self._bcast(scale, l.dim()), self._bcast(shift, l.dim())
@@ -56,7 +56,7 @@ class BoundBatchNorm(LinearOp):
         # ||s * d||_p <= max|s| * ||d||_p: the image of a ball is inside a ball.
         return c0 * self._bcast(scale, c0.dim()) + self._bcast(shift, c0.dim()), eps * scale.abs().max(), q
 
-    def backward_one(self, A, x):
+    def backward_one(self, A, x, *args, **kwargs):
         scale, shift = self.affine(x)
         if isinstance(A, Patches):
             return [(x, A.with_patches(A.patches * scale.view(1, 1, -1, 1, 1)))], channel_bias(A, shift)

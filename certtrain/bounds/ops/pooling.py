@@ -28,12 +28,12 @@ class _UniformPool(LinearOp):
     def geometry(self, x):
         raise NotImplementedError
 
-    def ibp(self, x):
+    def ibp(self, x, *args, **kwargs):
         k, s, p = self.geometry(x)
         l, u = x.bounds
         return F.avg_pool2d(l, k, s, p), F.avg_pool2d(u, k, s, p)
 
-    def backward_one(self, A, x):
+    def backward_one(self, A, x, *args, **kwargs):
         k, s, p = self.geometry(x)
         C = x.value.shape[1]
         w = torch.full((C, 1, *k), 1.0 / (k[0] * k[1]), dtype=x.value.dtype, device=x.value.device)
@@ -102,12 +102,12 @@ class BoundMaxPool2d(BoundOp):
                                        "dilation has no bound rule")
         return k, s, p
 
-    def ibp(self, x):
+    def ibp(self, x, *args, **kwargs):
         k, s, p = self.geometry()
         l, u = x.bounds
         return F.max_pool2d(l, k, s, p), F.max_pool2d(u, k, s, p)
 
-    def backward(self, lA, uA, x):
+    def backward(self, lA, uA, x, *args, **kwargs):
         k, s, p = self.geometry()
         l, u = x.bounds
         B, C, H, W = l.shape

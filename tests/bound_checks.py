@@ -1,0 +1,118 @@
+"""Shared soundness checks: points of the perturbation set (random, corners, PGD attacks) must
+give outputs inside the computed bounds."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from certtrain.bounds import PerturbationLpNorm
+
+
+def tolerance(lb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """A few ulps of the bound's magnitude (rounding in the forward pass and in the bounds)."""
+    scale = torch.maximum(lb.abs(), ub.abs()) + 1
+    return 64 * torch.finfo(lb.dtype).eps * scale
+
+
+def project(x: torch.Tensor, x0: torch.Tensor, ptb: PerturbationLpNorm) -> torch.Tensor:
+    """Bring x back into the perturbation set (a feasible point; exact projection for L-inf)."""
+    if ptb.norm == math.inf:
+        lo, hi = ptb.interval(x0)
+        return torch.maximum(torch.minimum(x, hi), lo)
+    d = x - x0
+    k = x0.dim() - 1  # per-example dims
+    flat = d.flatten(d.dim() - k)
+    n = flat.norm(p=ptb.norm, dim=-1, keepdim=True).clamp(min=1e-30)
+    eps = float(ptb.eps)
+    flat = flat * torch.clamp(eps / n, max=1.0) * (1 - 4 * torch.finfo(x.dtype).eps)
+    return x0 + flat.view_as(d)
+
+
+def random_points(x0, ptb, n: int, corners: bool) -> torch.Tensor:
+    """n points of the set per example: (n, B, *shape)."""
+    xs = x0.unsqueeze(0).expand(n, *x0.shape)
+    if ptb.norm == math.inf:
+        lo, hi = ptb.interval(x0)
+        if corners:
+            u = (torch.rand_like(xs) > 0.5).to(x0.dtype)
+        else:
+            u = torch.rand_like(xs)
+        return lo + u * (hi - lo)
+    d = torch.randn_like(xs)
+    if ptb.norm == 1:
+        d = d.sign() * torch.distributions.Exponential(1.0).sample(d.shape).to(x0.dtype)
+        if corners:  # vertices of the L1 ball: one coordinate at +-eps
+            flat = d.flatten(2)
+            k = flat.abs().argmax(-1, keepdim=True)
+            d = torch.zeros_like(flat).scatter(-1, k, flat.gather(-1, k).sign()).view_as(d)
+    d = d / d.flatten(2).norm(p=ptb.norm, dim=-1).view(n, -1, *([1] * (x0.dim() - 1)))
+    r = torch.ones(n, x0.shape[0], *([1] * (x0.dim() - 1)), dtype=x0.dtype) if corners else \
+        torch.rand(n, x0.shape[0], *([1] * (x0.dim() - 1)), dtype=x0.dtype)
+    eps = torch.as_tensor(ptb.eps, dtype=x0.dtype)
+    return project(xs + r * eps * d, x0, ptb)
+
+
+def pgd_extremes(model, x0, ptb, C=None, steps: int = 25) -> torch.Tensor:
+    """For every output (or spec row) j, PGD pushes it up and down: returns the outputs of all
+    attacked points, (2 * n_out, B, n_out)."""
+    with torch.no_grad():
+        y0 = model(x0).flatten(1)
+        if C is not None:
+            y0 = torch.bmm(C, y0.unsqueeze(-1)).squeeze(-1)
+    n_out = y0.shape[1]
+    sign = torch.cat([torch.ones(n_out), -torch.ones(n_out)]).to(x0.dtype)
+    which = torch.cat([torch.arange(n_out), torch.arange(n_out)])
+    x = random_points(x0, ptb, 2 * n_out, corners=False).clone()
+    eps = float(torch.as_tensor(ptb.eps).max())
+    for t in range(steps):
+        x.requires_grad_(True)
+        y = model(x.flatten(0, 1)).flatten(1).view(2 * n_out, x0.shape[0], -1)
+        if C is not None:
+            y = torch.einsum("bsn,kbn->kbs", C, y)
+        obj = (y[torch.arange(2 * n_out), :, which] * sign[:, None]).sum()
+        (g,) = torch.autograd.grad(obj, x)
+        step = eps * (0.5 if t < steps // 2 else 0.1)
+        with torch.no_grad():
+            if ptb.norm == math.inf:
+                x = x + step * g.sign()
+            else:
+                gn = g.flatten(2).norm(p=2, dim=-1).clamp(min=1e-30)
+                x = x + step * g / gn.view(*gn.shape, *([1] * (x0.dim() - 1)))
+            x = project(x.flatten(0, 1), x0.repeat(2 * n_out, *([1] * (x0.dim() - 1))),
+                        _repeat_ptb(ptb, 2 * n_out)).view_as(x)
+    with torch.no_grad():
+        y = model(x.flatten(0, 1)).flatten(1).view(2 * n_out, x0.shape[0], -1)
+        if C is not None:
+            y = torch.einsum("bsn,kbn->kbs", C, y)
+    return y
+
+
+def _repeat_ptb(ptb, k):
+    def rep(v):
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 1:
+            return v.repeat(k, *([1] * (v.dim() - 1)))
+        return v
+    return PerturbationLpNorm(eps=rep(ptb.eps), norm=ptb.norm, x_L=rep(ptb.x_L), x_U=rep(ptb.x_U))
+
+
+def assert_sound(model, x0, ptb, lb, ub, C=None, n_random: int = 200, pgd_steps: int = 25):
+    """Raise AssertionError with the worst violation if any tested point leaves [lb, ub]."""
+    tol = tolerance(lb, ub)
+    tests = {}
+    with torch.no_grad():
+        for name, corners in (("random", False), ("corners", True)):
+            xs = random_points(x0, ptb, n_random, corners)
+            y = model(xs.flatten(0, 1)).flatten(1).view(n_random, x0.shape[0], -1)
+            if C is not None:
+                y = torch.einsum("bsn,kbn->kbs", C, y)
+            tests[name] = y
+        y = model(x0).flatten(1)
+        tests["clean"] = (torch.bmm(C, y.unsqueeze(-1)).squeeze(-1) if C is not None else y)[None]
+    tests["pgd"] = pgd_extremes(model, x0, ptb, C, pgd_steps)
+    for name, y in tests.items():
+        below = (lb - tol - y).max().item()
+        above = (y - ub - tol).max().item()
+        assert below <= 0 and above <= 0, (
+            f"bound violated by {name} points: lower by {below:.3g}, upper by {above:.3g} "
+            f"(tolerance {tol.max().item():.3g})")
