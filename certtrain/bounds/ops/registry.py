@@ -49,11 +49,13 @@ def source_line(node: fx.Node) -> str:
     """The model's source line that created ``node`` (from fx's recorded stack trace)."""
     trace = node.meta.get("stack_trace") or ""
     lines = [l for l in trace.strip().splitlines() if l.strip()]
-    for i in range(len(lines) - 1, -1, -1):
-        if lines[i].strip().startswith("File "):
-            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            return f"{lines[i].strip()}: {code}"
-    return "source line unknown"
+    frames = [(lines[i].strip(), lines[i + 1].strip() if i + 1 < len(lines) else "")
+              for i in range(len(lines)) if lines[i].strip().startswith("File ")]
+    # The innermost frame outside torch itself is the user's line.
+    for where, code in reversed(frames):
+        if "/torch/" not in where and "\\torch\\" not in where:
+            return f"{where}: {code}"
+    return f"{frames[-1][0]}: {frames[-1][1]}" if frames else "source line unknown"
 
 
 def lookup(node: fx.Node, module: Optional[nn.Module]) -> type[BoundOp]:
