@@ -96,3 +96,24 @@ def test_active_dropout_is_refused():
     net = BoundedModule(model, torch.rand(2, 3))
     with pytest.raises(UnsupportedOperation, match="Dropout"):
         net.compute_bounds(x=(BoundedTensor(torch.rand(2, 3), PerturbationLpNorm(eps=0.1)),), method="IBP")
+
+
+@pytest.mark.parametrize("body", ["chunk", "argmax"])
+def test_values_derived_from_perturbed_inputs_are_never_constants(body):
+    """Tuples of tensors and integer tensors computed from the input must not be treated as
+    constants (that would give unsound bounds): they need a bound rule."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.fc(x)
+            if body == "chunk":
+                a, b = h.chunk(2, dim=1)
+                return a + b
+            return h.gather(1, h.argmax(1, keepdim=True))
+
+    with pytest.raises(UnsupportedOperation):
+        BoundedModule(M(), torch.rand(2, 4))

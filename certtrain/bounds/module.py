@@ -62,6 +62,12 @@ def _resolve_method(method: Optional[str], IBP: bool, forward: bool) -> str:
     return "CROWN-IBP" if (IBP and m == "CROWN") else m
 
 
+def _carries_tensor(v: Any) -> bool:
+    if isinstance(v, Tensor):
+        return True
+    return isinstance(v, (tuple, list)) and any(_carries_tensor(t) for t in v)
+
+
 def _add(a: Optional[LinearA], b: Optional[LinearA]) -> Optional[LinearA]:
     if a is None:
         return b
@@ -157,8 +163,9 @@ class BoundedModule(nn.Module):
                 v = getattr(args[0], t)(*args[1:], **kwargs)
             else:
                 v = t(*args, **kwargs)
-            pert = (isinstance(v, Tensor) and v.is_floating_point()
-                    and any(values[i].perturbed for i in n.inputs))
+            # Any tensor computed from a perturbed input (also integer ones, or tuples of tensors)
+            # needs a bound rule; only non-tensor values (sizes, shapes) are safe as constants.
+            pert = _carries_tensor(v) and any(values[i].perturbed for i in n.inputs)
             values[n.name] = Value(n.name, v, pert)
         return values
 
