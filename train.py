@@ -1,0 +1,126 @@
+"""Certified training entry point (Hydra): fit, then evaluate on the test set and print a table.
+
+    python train.py                                   # digits, cnn_small, IBP, L∞ ε=0.1, CPU
+    python train.py method=crown_ibp trainer.max_epochs=5
+    python train.py experiment=mnist_ibp_0.3 trainer=gpu
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Fail fast (ValueError) on settings that cannot work, before any data or model is built."""
+    from certtrain.module import METHODS, _check_eps, parse_norm
+    from certtrain.schedules import SCHEDULES
+
+    p = cfg.perturbation
+    parse_norm(p.norm)
+    _check_eps("perturbation.eps", p.eps)
+    if p.get("eval_eps") is not None:
+        _check_eps("perturbation.eval_eps", p.eval_eps)
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"unknown method.name {cfg.method.name!r}; available: {', '.join(METHODS)}")
+    s = cfg.schedule
+    if s.name not in SCHEDULES:
+        raise ValueError(f"unknown schedule.name {s.name!r}; available: {', '.join(sorted(SCHEDULES))}")
+    for key in ("start", "length"):
+        if s.get(key) is not None and (not math.isfinite(float(s[key])) or float(s[key]) < 0):
+            raise ValueError(f"schedule.{key} must be >= 0 (epochs), got {s[key]}")
+    if float(cfg.optim.lr) <= 0:
+        raise ValueError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+
+
+def format_table(results: dict[str, float], cfg: DictConfig, n_test: int | None, ckpt: str | None) -> str:
+    """Markdown table of the test metrics at the evaluation ε."""
+    from certtrain.module import parse_norm
+
+    norm = parse_norm(cfg.perturbation.norm)
+    eps = cfg.perturbation.eval_eps if cfg.perturbation.get("eval_eps") is not None else cfg.perturbation.eps
+    name = "L∞" if norm == math.inf else f"L{int(norm)}"
+    rows = [("clean", "test/clean_acc"),
+            (f"PGD ({cfg.eval.pgd_steps} steps, {cfg.eval.pgd_restarts} restart(s))", "test/pgd_acc"),
+            ("verified: IBP", "test/verified_acc_ibp"),
+            ("verified: CROWN-IBP", "test/verified_acc_crown_ibp"),
+            ("verified: CROWN", "test/verified_acc_crown"),
+            ("verified: best of the above", "test/verified_acc")]
+    lines = [f"Test set ({n_test if n_test is not None else '?'} images), {name} ε = {float(eps):.4g}, "
+             f"{cfg.dataset._target_.rsplit('.', 1)[-1]} / {cfg.model._target_.rsplit('.', 1)[-1]} / "
+             f"{cfg.method.name}", "", "| metric | accuracy (%) |", "|---|---:|"]
+    for label, key in rows:
+        if key in results:
+            lines.append(f"| {label} | {100 * float(results[key]):.2f} |")
+    lines.append("")
+    lines.append(f"checkpoint: {ckpt if ckpt else '(final weights, no checkpoint written)'}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test as configured; returns the test metrics, checkpoint paths and the trainer."""
+    check_config(cfg)
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    from certtrain.callbacks import VerifiedCheckpoint
+    from certtrain.module import module_from_config
+
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.torch_threads))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = instantiate(cfg.dataset, _convert_="all")  # plain lists: checkpoints load with weights_only
+    module = module_from_config(cfg)
+    out_dir = Path(cfg.paths.output_dir)
+    ckpt_cb = VerifiedCheckpoint(dirpath=str(out_dir / "checkpoints"), monitor=cfg.checkpoint.monitor,
+                                 mode=cfg.checkpoint.mode)
+    callbacks: list[Any] = [ckpt_cb]
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_time = time.perf_counter() - t0
+    result: dict[str, Any] = {"trainer": trainer, "module": module, "fit_time": fit_time,
+                              "best_ckpt": ckpt_cb.best_model_path or None,
+                              "last_ckpt": ckpt_cb.last_model_path or None, "test": {}}
+    if cfg.get("test", True):
+        ckpt = result["best_ckpt"] or result["last_ckpt"]
+        metrics = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, verbose=False)
+        result["test"] = {k: float(v) for k, v in (metrics[0] if metrics else {}).items()}
+        result["test_ckpt"] = ckpt
+        if trainer.is_global_zero:
+            n_test = len(datamodule.test_set) if datamodule.test_set is not None else None
+            print("\n" + format_table(result["test"], cfg, n_test, ckpt))
+            print(f"\nfit: {fit_time:.1f} s, output: {out_dir}")
+    return result
+
+
+@hydra.main(config_path=CONF_DIR, config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        check_config(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: invalid configuration: {e}") from None
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
