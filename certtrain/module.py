@@ -8,7 +8,9 @@ z_y - z_j over the ε-ball (in pixel space [0, 1]); for CROWN-IBP, lb = β·lb_C
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -23,7 +25,7 @@ from .bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
 from .losses import margin_spec, robust_ce, verified
 from .schedules import Schedule, build_schedule
 
-__all__ = ["METHODS", "CertifiedModule", "load_certified", "module_from_config", "parse_norm"]
+__all__ = ["METHODS", "CertifiedModule", "frozen_bn_stats", "load_certified", "module_from_config", "parse_norm"]
 
 METHODS = ("natural", "ibp", "crown_ibp")
 _BOUND_NAMES = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
@@ -52,6 +54,23 @@ def _check_eps(name: str, eps: Any) -> float:
     return value
 
 
+@contextmanager
+def frozen_bn_stats(net: nn.Module) -> Iterator[None]:
+    """BatchNorm layers in training mode keep their running statistics (the bound engine's clean pass)."""
+    saved = []
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            saved.append((m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
 class CertifiedModule(pl.LightningModule):
     """Certified training of ``model`` (inputs in pixel space; ``Normalize(mean, std)`` is prepended).
 
@@ -59,7 +78,7 @@ class CertifiedModule(pl.LightningModule):
     evaluation (default ``eps``).  ``schedule``: config of the ramp shared by ε (0 → eps), κ
     (kappa_start → kappa_end) and β (beta_start → beta_end); see :func:`certtrain.schedules.build_schedule`.
     ``milestones`` (epochs) / ``gamma``: MultiStepLR.  ``test_crown``: also verify with CROWN in
-    test (True / False / "auto": when the model has at most ``crown_max_params`` parameters).
+    test (True / False / "auto": when the model has at most ``crown_max_neurons`` ReLU neurons).
     ``config``: the resolved run config, stored in checkpoints as ``checkpoint["certtrain_config"]``.
     """
 
@@ -87,7 +106,7 @@ class CertifiedModule(pl.LightningModule):
         pgd_restarts: int = 1,
         pgd_step_size: float | None = None,
         test_crown: bool | str = "auto",
-        crown_max_params: int = 1_000_000,
+        crown_max_neurons: int = 10_000,
         bound_opts: Mapping[str, Any] | None = None,
         config: Mapping[str, Any] | None = None,
     ) -> None:
@@ -117,8 +136,10 @@ class CertifiedModule(pl.LightningModule):
         self.val_pgd_steps, self.pgd_steps = int(val_pgd_steps), int(pgd_steps)
         self.pgd_restarts = int(pgd_restarts)
         self.pgd_step_size = None if pgd_step_size is None else float(pgd_step_size)
-        n_params = sum(p.numel() for p in model.parameters())
-        self.test_crown = (n_params <= crown_max_params) if test_crown == "auto" else bool(test_crown)
+        if test_crown != "auto" and not isinstance(test_crown, bool):
+            raise ValueError(f"test_crown must be true, false or 'auto', got {test_crown!r}")
+        self.test_crown: bool | str = test_crown
+        self.crown_max_neurons = int(crown_max_neurons)
         self.bound_opts = dict(bound_opts or {})
         self.config = config
         self.__dict__["_bounded"] = None  # built lazily from the first batch; not a submodule
@@ -165,12 +186,32 @@ class CertifiedModule(pl.LightningModule):
         """Whether the training ε has reached its target at the current global step."""
         return self.eps_schedule.value(self.global_step, self.steps_per_epoch()) >= self.eps
 
+    def relu_neurons(self, example: Tensor) -> int:
+        """Number of ReLU outputs per example (what makes CROWN expensive)."""
+        count = [0]
+        hooks = [m.register_forward_hook(lambda mod, inp, out: count.__setitem__(0, count[0] + out[0].numel()))
+                 for m in self.net.modules() if isinstance(m, nn.ReLU)]
+        try:
+            with torch.no_grad():
+                self.net(example[:1])
+        finally:
+            for h in hooks:
+                h.remove()
+        return count[0]
+
+    def use_crown(self, example: Tensor) -> bool:
+        """Whether test verifies with CROWN too (``test_crown``; "auto": small models only)."""
+        if self.test_crown == "auto":
+            self.test_crown = self.relu_neurons(example) <= self.crown_max_neurons
+        return bool(self.test_crown)
+
     def margin_bounds(self, x: Tensor, y: Tensor, eps: float, method: str = "IBP") -> Tensor:
         """Lower bounds (B, K-1) of the margins z_y - z_j over the ε-ball around x within [0, 1]."""
         C = margin_spec(y, self.num_classes).to(x.dtype)
         bx = BoundedTensor(x, PerturbationLpNorm(norm=self.norm, eps=eps, x_L=0.0, x_U=1.0))
-        lb, _ = self.bounded(x).compute_bounds(x=(bx,), method=_BOUND_NAMES.get(method, method), C=C,
-                                               bound_upper=False)
+        net = self.bounded(x)
+        with frozen_bn_stats(self.net):  # the clean forward of self.net already updated them
+            lb, _ = net.compute_bounds(x=(bx,), method=_BOUND_NAMES.get(method, method), C=C, bound_upper=False)
         return lb
 
     def training_bound(self, x: Tensor, y: Tensor, eps: float, beta: float) -> Tensor:
@@ -239,7 +280,7 @@ class CertifiedModule(pl.LightningModule):
         clean = self.net(x).argmax(1) == y
         pgd = pgd_accuracy(self.net, x, y, eps, norm=self.norm, steps=self.pgd_steps, step_size=self.pgd_step_size,
                            restarts=self.pgd_restarts) & clean
-        methods = ["ibp", "crown_ibp"] + (["crown"] if self.test_crown else [])
+        methods = ["ibp", "crown_ibp"] + (["crown"] if self.use_crown(x) else [])
         any_ver = torch.zeros_like(clean)
         out = {"test/clean_acc": clean.float().mean(), "test/pgd_acc": pgd.float().mean()}
         for m in methods:
@@ -262,6 +303,15 @@ class CertifiedModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.config is not None:
             checkpoint["certtrain_config"] = self.config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        old = checkpoint.get("certtrain_config")
+        if not old or not self.config:
+            return
+        changed = [k for k in ("method", "perturbation", "schedule") if old.get(k) != self.config.get(k)]
+        if changed:
+            warnings.warn(f"resuming from a checkpoint trained with different {', '.join(changed)} settings; "
+                          "the schedules follow the current config from the restored global step", stacklevel=2)
 
 
 def module_from_config(cfg: Any, model: nn.Module | None = None) -> CertifiedModule:
@@ -288,7 +338,7 @@ def module_from_config(cfg: Any, model: nn.Module | None = None) -> CertifiedMod
         lr=o.lr, weight_decay=o.get("weight_decay", 0.0), milestones=list(o.get("milestones") or []),
         gamma=o.get("gamma", 0.1), val_pgd_steps=e.get("val_pgd_steps", 5), pgd_steps=e.get("pgd_steps", 20),
         pgd_restarts=e.get("pgd_restarts", 1), pgd_step_size=e.get("pgd_step_size"),
-        test_crown=e.get("crown", "auto"), crown_max_params=e.get("crown_max_params", 1_000_000),
+        test_crown=e.get("crown", "auto"), crown_max_neurons=e.get("crown_max_neurons", 10_000),
         bound_opts=OmegaConf.to_container(e.bound_opts, resolve=True) if e.get("bound_opts") else None,
         config=config,
     )

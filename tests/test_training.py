@@ -109,6 +109,23 @@ def test_pgd_stays_in_ball_and_box(norm):
     assert (model(adv).argmax(1) != y).sum() >= (model(x).argmax(1) != y).sum()
 
 
+def test_bounds_in_training_mode_keep_bn_running_stats():
+    import models
+    from certtrain.module import CertifiedModule
+
+    torch.manual_seed(0)
+    net = models.cnn_7layer_bn(in_shape=(1, 8, 8), width=4, linear_size=16)
+    module = CertifiedModule(net, (0.3,), (0.4,), 10, method="crown_ibp", eps=0.1).train()
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    before = [(m.running_mean.clone(), int(m.num_batches_tracked)) for m in bns]
+    lb = module.training_bound(x, y, 0.1, beta=0.5)
+    assert lb.shape == (16, 9) and lb.requires_grad
+    for m, (mean, n) in zip(bns, before):
+        assert torch.equal(m.running_mean, mean) and int(m.num_batches_tracked) == n
+        assert m.momentum == 0.1
+
+
 # ---------------------------------------------------------------- configs
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_compose_every_option(tmp_path, group, option):
