@@ -171,6 +171,23 @@ def test_bad_config_fails_fast(tmp_path):
         compose_cfg(tmp_path, ["model=nonexistent"])
 
 
+def test_optimizer_and_milestones():
+    from certtrain.module import CertifiedModule
+
+    module = CertifiedModule(torch.nn.Linear(4, 2), (0.5,), (0.5,), 2, lr=0.01, milestones=[2, 4], gamma=0.5)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.Adam) and conf["lr_scheduler"]["interval"] == "epoch"
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.01, 0.01, 0.005, 0.005, 0.0025])
+    assert isinstance(CertifiedModule(torch.nn.Linear(4, 2), (0.5,), (0.5,), 2).configure_optimizers(),
+                      torch.optim.Adam)
+
+
 # ---------------------------------------------------------------- training
 @pytest.mark.parametrize("method", ["natural", "ibp", "crown_ibp"])
 def test_short_fit(tmp_path, method):
