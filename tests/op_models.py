@@ -87,3 +87,20 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.randn(n, generator=g))
             m.bias.data.copy_(torch.randn(n, generator=g) * 0.3)
     return model
+
+
+class ExpLogMLP(nn.Module):
+    """exp, log, sum and mean reductions, logsumexp."""
+
+    def __init__(self, in_shape=(2, 4, 4), hidden=8, out=5):
+        super().__init__()
+        n = int(torch.tensor(in_shape).prod())
+        self.fc1 = nn.Linear(n, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        h = torch.exp(torch.tanh(self.fc1(torch.flatten(x, 1))))
+        h = torch.log(torch.sigmoid(self.fc2(h)) + 0.1)
+        h = h - h.mean(1, keepdim=True) + 0.1 * h.sum(dim=1, keepdim=True)
+        return self.fc3(h) + torch.logsumexp(h, 1, keepdim=True)

@@ -7,7 +7,7 @@ import torch
 
 from bound_checks import assert_sound
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
-from op_models import ActivationsMLP, OpsCNN, TrainBNResNet, randomize_bn
+from op_models import ActivationsMLP, ExpLogMLP, OpsCNN, TrainBNResNet, randomize_bn
 
 METHODS = ["IBP", "CROWN-IBP", "CROWN"]
 DTYPES = [torch.float32, torch.float64]
@@ -17,6 +17,8 @@ def _model(name, dtype, seed=0):
     torch.manual_seed(seed)
     if name == "mlp":
         m, shape = ActivationsMLP(), (2, 4, 4)
+    elif name == "explog":
+        m, shape = ExpLogMLP(), (2, 4, 4)
     elif name == "cnn":
         m, shape = OpsCNN(), (2, 16, 16)
     else:
@@ -54,7 +56,7 @@ def _frozen_bn(model, x0):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("norm", [math.inf, 2, 1], ids=["linf", "l2", "l1"])
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet_trainbn"])
+@pytest.mark.parametrize("name", ["mlp", "explog", "cnn", "resnet_trainbn"])
 def test_sound(name, method, norm, dtype):
     model, x0 = _model(name, dtype)
     eps = {math.inf: 0.05, 2: 0.3, 1: 0.6}[norm]
