@@ -3,8 +3,8 @@
 Every constructor has the signature ``name(in_shape=(C, H, W), num_classes=10, **width_options)`` and
 returns a module mapping (B, *in_shape) -> (B, num_classes). All models are ``torch.fx``-traceable and
 use only Linear, Conv2d, BatchNorm1d/2d, ReLU, AvgPool2d/AdaptiveAvgPool2d, flatten, residual ``+``,
-channel ``torch.cat``, Identity and Sequential. Inputs are expected normalised; prepend
-:class:`Normalize` to keep the data in pixel space.
+channel ``torch.cat``, Identity and Sequential. Inputs are expected normalised; certtrain prepends
+``certtrain.normalize.Normalize`` so that data and perturbations stay in pixel space.
 
 Parameter counts of the defaults at CIFAR shape (3, 32, 32), 10 classes (mlp / cnn_small default to
 MNIST (1, 28, 28), where they have 269,322 / 166,406):
@@ -36,14 +36,12 @@ from torch import nn
 from .cnn import cnn_7layer, cnn_7layer_bn, cnn_small, dm_large
 from .densenet import densenet
 from .mlp import mlp
-from .normalize import Normalize
 from .resnet import resnet
 from .resnext import resnext
 from .wide_resnet import wide_resnet
 
 __all__ = [
     "MODELS",
-    "Normalize",
     "cnn_7layer",
     "cnn_7layer_bn",
     "cnn_small",

@@ -33,7 +33,8 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 import models
-from models import MODELS, Normalize, get_model
+from certtrain.normalize import Normalize
+from models import MODELS, get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf" / "model"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -25,6 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from certtrain.attacks import pgd_attack  # noqa: E402
 from certtrain.losses import margin_spec, robust_ce, verified  # noqa: E402
+from certtrain.module import module_from_config  # noqa: E402
 from certtrain.schedules import ConstantSchedule, LinearSchedule, SmoothedSchedule, build_schedule  # noqa: E402
 
 GROUPS = ["dataset", "model", "method", "perturbation", "schedule", "trainer", "logger", "paths", "experiment"]
@@ -189,9 +191,10 @@ def test_optimizer_and_milestones():
 
 
 # ---------------------------------------------------------------- training
-@pytest.mark.parametrize("method", ["natural", "ibp", "crown_ibp"])
+@pytest.mark.parametrize("method", ["natural", "ibp", "crown_ibp", "crown_ibp_fused"])
 def test_short_fit(tmp_path, method):
-    res = run_cfg(tmp_path, [f"method={method}"])
+    extra = ["method=crown_ibp", "method.loss_fusion=true"] if method == "crown_ibp_fused" else [f"method={method}"]
+    res = run_cfg(tmp_path, extra)
     t = res["test"]
     for key in ("clean_acc", "pgd_acc", "verified_acc_ibp", "verified_acc_crown_ibp", "verified_acc_crown"):
         assert 0.0 <= t[f"test/{key}"] <= 1.0
@@ -200,6 +203,17 @@ def test_short_fit(tmp_path, method):
     assert res["best_ckpt"] and Path(res["best_ckpt"]).is_file()  # ε reached after epoch 0
     if method != "natural":
         assert t["test/clean_acc"] > 0.1
+
+
+def test_loss_fusion_bound_upper_bounds_the_unfused_worst_case(tmp_path):
+    """The fused training loss is an upper bound of the loss at the clean point and at PGD points."""
+    cfg = compose_cfg(tmp_path, ["method=crown_ibp", "method.loss_fusion=true"])
+    module = module_from_config(cfg)
+    torch.manual_seed(0)
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    ub = module.fused_loss_bound(x, y, 0.05)
+    clean = F.cross_entropy(module(x), y, reduction="none")
+    assert ub.shape == (16,) and (ub >= clean - 1e-5).all()
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
