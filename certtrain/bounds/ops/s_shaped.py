@@ -40,6 +40,7 @@ class SShaped(ElementwiseRelaxOp):
             mid = (lo + hi) / 2
             pos = h(mid) >= 0
             hi, lo = torch.where(pos, mid, hi), torch.where(pos, lo, mid)
+        hi_u = hi
         du_t, bu_t = df(hi), f(hi) - df(hi) * hi
         use_chord_u = h(u) <= 0
 
@@ -54,6 +55,15 @@ class SShaped(ElementwiseRelaxOp):
             lo, hi = torch.where(pos, mid, lo), torch.where(pos, hi, mid)
         dl_t, bl_t = df(lo), f(lo) - df(lo) * lo
         use_chord_l = g(l) <= 0
+
+        # Midpoint tangent (auto_LiRPA's default "smoothness enhancement"): when m lies beyond the
+        # tangent point on the same side (m <= d for the lower line, m >= d for the upper), the
+        # tangent at m also stays below f(u) (resp. above f(l)), so it is sound and usually
+        # tighter over the box.  The bisection ends used (lo <= d_true, hi >= d_true) keep it safe.
+        mid_l = ~use_chord_l & (m <= lo)
+        mid_u = ~use_chord_u & (m >= hi_u)
+        dl_t, bl_t = torch.where(mid_l, tan_m, dl_t), torch.where(mid_l, tan_mb, bl_t)
+        du_t, bu_t = torch.where(mid_u, tan_m, du_t), torch.where(mid_u, tan_mb, bu_t)
 
         convex = u <= 0
         concave = l >= 0
