@@ -251,3 +251,14 @@ def test_checkpoint_has_config_and_resume_continues_schedule(tmp_path):
     assert 0 < float(first["train/eps"]) < sched.end_value  # mid-ramp, the schedule continued
     assert float(first["train/beta"]) == pytest.approx(res_b["module"].beta_schedule.value(2 * spe, spe))
     assert math.isclose(float(rows[-1]["train/eps"]), sched.value(3 * spe - 1, spe), rel_tol=1e-6)
+
+
+def test_slurm_launcher_config_composes(tmp_path):
+    """`-m hydra/launcher=slurm` selects hydra-submitit-launcher's SLURM launcher (one job per run)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"paths.output_dir='{tmp_path}'", "hydra/launcher=slurm",
+                                          "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.partition == "gpu" and launcher.tasks_per_node == 1
