@@ -13,6 +13,7 @@ The graph walk lives here; the maths of each op lives in `certtrain.bounds.ops`.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -125,6 +126,7 @@ class BoundedModule(nn.Module):
             raise TypeError("BoundedModule needs a model that returns one tensor, got "
                             f"{type(out).__name__}")
         self._output_shape = tuple(out.shape[1:])
+        self._warned_grad = False
 
     # ---------------------------------------------------------------- forward
     def forward(self, *x: Tensor) -> Tensor:
@@ -230,6 +232,11 @@ class BoundedModule(nn.Module):
             out = final.value.flatten(1)
             out = torch.bmm(C, out.unsqueeze(-1)).squeeze(-1) if C is not None else final.value
             return (out if bound_lower else None), (out if bound_upper else None)
+        if method == "CROWN" and torch.is_grad_enabled() and not self._warned_grad:
+            self._warned_grad = True
+            warnings.warn("CROWN with gradients enabled: autograd keeps every intermediate coefficient "
+                          "matrix, so memory_budget cannot bound memory. For verification, call "
+                          "compute_bounds under torch.no_grad().", stacklevel=2)
         self._intervals(values, refine=(method == "CROWN"))
         if method == "IBP":
             lb, ub = self._ibp_output(final, C, values)
