@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -67,23 +68,48 @@ def format_table(results: dict[str, float], cfg: DictConfig, n_test: int | None,
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test as configured; returns the test metrics, checkpoint paths and the trainer."""
+def setup(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that can fail fast, before a trainer exists or a file is written: the config, the
+    data files (DatasetNotFoundError naming them), the model, and for a resume (``ckpt_path``) that the
+    checkpoint is readable and its weights fit this run's model (CheckpointError naming both models).
+    Returns ``{"datamodule", "module"}``; raises ValueError / FileNotFoundError."""
     check_config(cfg)
     import pytorch_lightning as pl
     from hydra.utils import instantiate
-    from pytorch_lightning.callbacks import LearningRateMonitor
 
-    from certtrain.callbacks import VerifiedCheckpoint
-    from certtrain.module import module_from_config
+    from certtrain.checkpoint_io import check_weights_fit, read_checkpoint
+    from certtrain.module import _locate_target, module_from_config
 
     if cfg.get("torch_threads"):
         import torch
 
         torch.set_num_threads(int(cfg.torch_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    _locate_target("dataset", cfg.dataset._target_)
     datamodule = instantiate(cfg.dataset, _convert_="all")  # plain lists: checkpoints load with weights_only
+    if not getattr(datamodule, "download", False) and hasattr(datamodule, "locate"):
+        datamodule.locate()  # files on disk? (cheap; DatasetNotFoundError names the missing files)
     module = module_from_config(cfg)
+    if cfg.get("ckpt_path"):
+        ckpt = read_checkpoint(cfg.ckpt_path)
+        check_weights_fit(ckpt["state_dict"], module, cfg.ckpt_path, ckpt.get("certtrain_config"), module.config)
+        del ckpt
+    return {"datamodule": datamodule, "module": module}
+
+
+def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train and test as configured; returns the test metrics, checkpoint paths and the trainer.
+
+    ``prepared``: the result of :func:`setup` (computed here when None)."""
+    prepared = setup(cfg) if prepared is None else prepared
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+    from pytorch_lightning.callbacks import LearningRateMonitor
+
+    from certtrain.callbacks import VerifiedCheckpoint
+    from certtrain.checkpoint_io import AtomicCheckpointIO
+
+    datamodule, module = prepared["datamodule"], prepared["module"]
     out_dir = Path(cfg.paths.output_dir)
     ckpt_cb = VerifiedCheckpoint(dirpath=str(out_dir / "checkpoints"), monitor=cfg.checkpoint.monitor,
                                  mode=cfg.checkpoint.mode)
@@ -91,7 +117,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    # checkpoints are written to a temporary file and renamed: a killed run never leaves a corrupt one
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                                      plugins=[AtomicCheckpointIO()])
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_time = time.perf_counter() - t0
@@ -116,11 +144,15 @@ def main(cfg: DictConfig) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        check_config(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"train.py: invalid configuration: {e}") from None
-    run(cfg)
+        prepared = setup(cfg)
+    except (ValueError, FileNotFoundError) as e:  # incl. DatasetNotFoundError, CheckpointError
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    run(cfg, prepared)
 
 
 if __name__ == "__main__":
+    from certtrain.checkpoint_io import quote_path_overrides
+
+    sys.argv[1:] = quote_path_overrides(sys.argv[1:])  # paths like best-epoch=059.ckpt
     main()

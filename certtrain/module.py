@@ -350,13 +350,14 @@ class CertifiedModule(pl.LightningModule):
 
 def module_from_config(cfg: Any, model: nn.Module | None = None) -> CertifiedModule:
     """Build a CertifiedModule from a composed run config (``train.yaml``); ``model`` defaults to ``cfg.model``."""
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import instantiate
     from omegaconf import DictConfig, OmegaConf
 
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
-    dm_cls = get_class(cfg.dataset._target_)
+    dm_cls = _locate_target("dataset", cfg.dataset._target_)
     if model is None:
+        _locate_target("model", cfg.model._target_)
         model = instantiate(cfg.model, _convert_="all")
     p, m, s, o, e = cfg.perturbation, cfg.method, cfg.schedule, cfg.optim, cfg.eval
     try:
@@ -378,11 +379,45 @@ def module_from_config(cfg: Any, model: nn.Module | None = None) -> CertifiedMod
     )
 
 
+def _locate_target(kind: str, target: str) -> Any:
+    """The object named by a config's ``_target_``; ValueError naming ``kind`` and the alternatives otherwise."""
+    import importlib
+
+    parts = str(target).split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj: Any = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for j, attr in enumerate(parts[i:]):
+            if not hasattr(obj, attr):
+                names = getattr(obj, "__all__", None) or [n for n in dir(obj) if not n.startswith("_")]
+                if kind == "model":  # the zoo's constructors
+                    names = [n for n in names if n[:1].islower() and not n.startswith("get_")]
+                elif kind == "dataset":
+                    names = [n for n in names if n.endswith("DataModule") and n != "CertDataModule"] or names
+                raise ValueError(f"unknown {kind} {target!r} ({kind}._target_): {'.'.join(parts[:i + j])!r} has no "
+                                 f"{attr!r}; available: {', '.join(sorted(names))}") from None
+            obj = getattr(obj, attr)
+        return obj
+    raise ValueError(f"unknown {kind} {target!r} ({kind}._target_): module {parts[0]!r} cannot be imported")
+
+
 def load_certified(path: str, map_location: Any = "cpu") -> CertifiedModule:
-    """Rebuild a CertifiedModule from a checkpoint's ``certtrain_config`` and load its weights."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if "certtrain_config" not in ckpt:
-        raise KeyError(f"{path} has no 'certtrain_config' (not written by CertifiedModule)")
-    module = module_from_config(ckpt["certtrain_config"])
+    """Rebuild a CertifiedModule from a checkpoint's ``certtrain_config`` and load its weights.
+
+    Raises ``FileNotFoundError`` (no such file) or :class:`certtrain.checkpoint_io.CheckpointError`
+    (a ValueError: unreadable / corrupted file, no ``certtrain_config``, weights that do not fit the
+    architecture the config describes).
+    """
+    from .checkpoint_io import CheckpointError, check_weights_fit, read_checkpoint
+
+    ckpt = read_checkpoint(path, map_location=map_location)
+    config = ckpt.get("certtrain_config")
+    if not config:
+        raise CheckpointError(f"checkpoint {str(path)!r} has no 'certtrain_config' (not written by certtrain's "
+                              "CertifiedModule), so the model and data cannot be rebuilt from it")
+    module = module_from_config(config)
+    check_weights_fit(ckpt["state_dict"], module, path, config, config)
     module.load_state_dict(ckpt["state_dict"])
     return module
