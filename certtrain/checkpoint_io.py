@@ -4,14 +4,16 @@
   writes every checkpoint to a temporary file in the target directory, fsyncs it and renames it over
   the target with ``os.replace``: a run killed while saving leaves the previous checkpoint intact
   (plus at most a stray ``.<name>.tmp-*`` file), never a truncated one.
-* :func:`read_checkpoint` loads a checkpoint file and turns a truncated / corrupted file into a
-  :class:`CheckpointError` that says so.
+  It also stores ``checkpoint["state_dict_sha256"]``, a digest of the weights.
+* :func:`read_checkpoint` loads a checkpoint file and turns a truncated / corrupted file (unreadable,
+  or weights that no longer match their digest) into a :class:`CheckpointError` that says so.
 * :func:`check_weights_fit` compares a checkpoint's ``state_dict`` with a module before any
   training or verification starts, and names both architectures when they differ.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Mapping
@@ -22,12 +24,30 @@ import torch
 from lightning_fabric.utilities.cloud_io import get_filesystem
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-__all__ = ["AtomicCheckpointIO", "CheckpointError", "atomic_torch_save", "check_weights_fit", "model_name",
-           "read_checkpoint"]
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "DIGEST_KEY", "atomic_torch_save", "check_weights_fit",
+           "model_name", "quote_path_overrides", "read_checkpoint", "state_dict_digest"]
+
+#: checkpoint key of the weights' digest written by AtomicCheckpointIO and checked by read_checkpoint
+DIGEST_KEY = "state_dict_sha256"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: unreadable, not written by certtrain, or another architecture."""
+
+
+def state_dict_digest(state_dict: Mapping[str, Any]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the tensors of a state dict."""
+    h = hashlib.sha256()
+    for key in sorted(state_dict):
+        v = state_dict[key]
+        h.update(key.encode())
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(v.shape)}".encode())
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -84,11 +104,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         fs = get_filesystem(path)
         if "file" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
             return super().save_checkpoint(checkpoint, path, storage_options)
+        if isinstance(checkpoint.get("state_dict"), Mapping):
+            checkpoint = {**checkpoint, DIGEST_KEY: state_dict_digest(checkpoint["state_dict"])}
         atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint file (``FileNotFoundError`` if absent, :class:`CheckpointError` if unreadable)."""
+def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", verify_digest: bool = True) -> dict[str, Any]:
+    """Load a checkpoint file (``FileNotFoundError`` if absent, :class:`CheckpointError` if unreadable or
+    if its weights do not match the digest :class:`AtomicCheckpointIO` stored with them)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist" if not p.exists()
@@ -101,6 +124,9 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
                               f"(truncated or corrupted?): {type(e).__name__}: {msg}") from None
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no 'state_dict' (not a Lightning checkpoint)")
+    if verify_digest and ckpt.get(DIGEST_KEY) and state_dict_digest(ckpt["state_dict"]) != ckpt[DIGEST_KEY]:
+        raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: its weights do not match the digest written "
+                              "with them")
     return dict(ckpt)
 
 
