@@ -165,20 +165,20 @@ class VerificationResult:
         """Two markdown tables: accuracies (with times) and the cascade's stages."""
         n = self.n
         pct = lambda c: f"{100 * c / max(n, 1):.2f}"  # noqa: E731
-        t = self.time
-        cascade_time = sum(t.get(f"cascade:{m}", 0.0) for m in self.methods)
+        t = {k: float(f"{v:.3g}") for k, v in self.time.items()}  # seconds, 3 significant digits
+        cascade_time = float(f"{sum(self.time.get(f'cascade:{m}', 0.0) for m in self.methods):.3g}")
         rs = "restart" if self.pgd_restarts == 1 else "restarts"
         lines = [title, ""] if title else []
         lines += ["| metric | accuracy (%) | count | time (s) |", "|---|---:|---:|---:|",
                   f"| clean | {pct(int(self.clean_correct.sum()))} | {int(self.clean_correct.sum())}/{n} | "
-                  f"{t.get('clean', 0.0):.2f} |",
+                  f"{t.get('clean', 0.0):g} |",
                   f"| PGD ({self.pgd_steps} steps, {self.pgd_restarts} {rs}): upper bound | "
-                  f"{pct(int(self.pgd_robust.sum()))} | {int(self.pgd_robust.sum())}/{n} | {t.get('pgd', 0.0):.2f} |",
+                  f"{pct(int(self.pgd_robust.sum()))} | {int(self.pgd_robust.sum())}/{n} | {t.get('pgd', 0.0):g} |",
                   f"| verified: cascade {' → '.join(self.methods)} | {pct(int(self.verified.sum()))} | "
-                  f"{int(self.verified.sum())}/{n} | {cascade_time:.2f} |"]
+                  f"{int(self.verified.sum())}/{n} | {cascade_time:g} |"]
         for m, v in self.alone_verified.items():
             lines.append(f"| verified: {m} alone | {pct(int(v.sum()))} | {int(v.sum())}/{n} | "
-                         f"{t.get(f'alone:{m}', 0.0):.2f} |")
+                         f"{t.get(f'alone:{m}', 0.0):g} |")
         bad = self.unsound()
         if any(bad.values()):
             lines.append(f"| **verified but broken by PGD (unsound!)** | | {bad} | |")
@@ -186,8 +186,8 @@ class VerificationResult:
                   "|---:|---|---:|---:|---:|---:|"]
         for i, m in enumerate(self.methods, 1):
             k, sec = self.cascade_in.get(m, 0), t.get(f"cascade:{m}", 0.0)
-            lines.append(f"| {i} | {m} | {k} | {self.cascade_verified.get(m, 0)} | {sec:.2f} | "
-                         f"{1000 * sec / k if k else 0.0:.2f} |")
+            lines.append(f"| {i} | {m} | {k} | {self.cascade_verified.get(m, 0)} | {sec:g} | "
+                         f"{1000 * sec / k if k else 0.0:.3g} |")
         return "\n".join(lines)
 
     def csv_columns(self) -> list[str]:
