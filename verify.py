@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
@@ -44,13 +44,11 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         _check_eps("eps", cfg.eps)
     if cfg.norm is not None:
         parse_norm(cfg.norm)
-    for key in ("pgd_steps", "pgd_restarts"):
+    for key, low in (("pgd_steps", 0), ("pgd_restarts", 1), ("batch_size", 1), ("subset", 1)):
         v = cfg.get(key)
-        if v is not None and (not isinstance(v, int) or v < (0 if key == "pgd_steps" else 1)):
-            raise ValueError(f"{key} must be an integer >= {0 if key == 'pgd_steps' else 1}, got {v!r}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
     device = resolve_device(cfg.device)
-    if not Path(str(cfg.ckpt)).is_file():
-        raise FileNotFoundError(f"checkpoint {str(cfg.ckpt)!r} does not exist")
     if cfg.get("torch_threads"):
         import torch
 
