@@ -254,7 +254,9 @@ class CertifiedModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         eps, kappa, beta = self.scheduled()
-        logits = self.net(x)
+        # The engine's forward keeps its node values, so the first bound below reuses this pass.
+        fused = self.loss_fusion and self.method == "crown_ibp"
+        logits = self.bounded(x)(x) if self.method != "natural" and eps > 0 and not fused else self.net(x)
         nat = F.cross_entropy(logits, y)
         log = {"train/nat_loss": nat, "train/acc": (logits.argmax(1) == y).float().mean(),
                "train/eps": eps, "train/kappa": kappa}
@@ -286,7 +288,7 @@ class CertifiedModule(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         eps, _, beta = self.scheduled()
-        logits = self.net(x)
+        logits = self.bounded(x)(x) if eps > 0 else self.net(x)
         clean = logits.argmax(1) == y
         nat = F.cross_entropy(logits, y)
         if eps > 0:

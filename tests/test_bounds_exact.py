@@ -190,3 +190,31 @@ def test_method_aliases():
                                net.compute_bounds(x=(x,), method="CROWN-IBP"))
     lb, ub = net.compute_bounds(x=(x,), method="CROWN", bound_upper=False)
     assert ub is None and lb is not None
+
+
+def test_forward_then_bounds_reuses_the_forward_pass():
+    """net(x) followed by compute_bounds on the same x reuses the node values (one model run), and
+    gives exactly the bounds of a fresh computation; a parameter update invalidates the cache."""
+    torch.manual_seed(9)
+    model = randomize_bn(OpsCNN()).train()
+    x0 = torch.rand(3, 2, 16, 16)
+    net = BoundedModule(model, x0)
+    x = BoundedTensor(x0, PerturbationLpNorm(norm=math.inf, eps=0.02))
+    calls = []
+    h = model.conv1.register_forward_hook(lambda *a: calls.append(1))
+    y = net(x0)
+    lb1, ub1 = net.compute_bounds(x=(x,), method="CROWN-IBP")
+    assert len(calls) == 1  # the bounds did not run the model again
+    torch.testing.assert_close(y, model(x0))
+    lb2, ub2 = net.compute_bounds(x=(x,), method="CROWN-IBP")  # no cache: runs the model
+    assert len(calls) == 3
+    torch.testing.assert_close(lb1, lb2)
+    torch.testing.assert_close(ub1, ub2)
+    net(x0)
+    with torch.no_grad():
+        model.conv1.weight.add_(0.1)
+    lb3, _ = net.compute_bounds(x=(x,), method="CROWN-IBP")  # stale cache must not be used
+    h.remove()
+    fresh = BoundedModule(model, x0).compute_bounds(x=(x,), method="CROWN-IBP")[0]
+    torch.testing.assert_close(lb3, fresh)
+    assert not torch.allclose(lb3, lb1)

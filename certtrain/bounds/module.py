@@ -127,11 +127,41 @@ class BoundedModule(nn.Module):
                             f"{type(out).__name__}")
         self._output_shape = tuple(out.shape[1:])
         self._warned_grad = False
+        self._cache = None
 
     # ---------------------------------------------------------------- forward
     def forward(self, *x: Tensor) -> Tensor:
-        """The model's plain output."""
-        return self.model(*[t.as_subclass(Tensor) if isinstance(t, BoundedTensor) else t for t in x])
+        """The model's plain output.  The node values are kept, so that a following
+        ``compute_bounds`` on the same inputs (and unchanged parameters) reuses this forward pass
+        instead of running the model again (certified training needs both)."""
+        inputs = [t.as_subclass(Tensor) if isinstance(t, BoundedTensor) else t for t in x]
+        if len(inputs) != len(self._placeholders):
+            return self.model(*inputs)
+        values = self._run(inputs, [True] * len(inputs))
+        self._cache = (self._cache_key(inputs), values)
+        return values[self._final_name].value
+
+    def _cache_key(self, inputs: list[Tensor]) -> tuple:
+        """What must not change for cached node values to stay valid."""
+        return (tuple((t.data_ptr(), tuple(t.shape), t.dtype, t._version) for t in inputs),
+                tuple(p._version for p in self.model.parameters()),
+                tuple(m.training for m in self.model.modules()), torch.is_grad_enabled())
+
+    def _cached_values(self, inputs: list[Tensor], perturbed: list[bool]) -> Optional[dict[str, Value]]:
+        cache, self._cache = self._cache, None  # a cache serves one compute_bounds call
+        if cache is None or cache[0] != self._cache_key(inputs):
+            return None
+        values = cache[1]
+        for n in self._nodes:  # re-mark which nodes depend on the perturbed inputs
+            v = values.get(n.name)
+            if v is None:
+                continue
+            if n.kind == "placeholder":
+                v.perturbed = perturbed[self._placeholders.index(n)]
+            elif n.kind != "get_attr":
+                v.perturbed = _carries_tensor(v.value) and any(values[i].perturbed for i in n.inputs)
+            v.lower = v.upper = v.ball = None
+        return values
 
     @staticmethod
     def _as_inputs(x) -> list[Tensor]:
@@ -225,7 +255,10 @@ class BoundedModule(nn.Module):
         inputs, ptbs = self._check_inputs(x)
         batch = inputs[0].shape[0]
         C = self._check_C(C, batch, inputs[0])
-        values = self._run(inputs, [p is not None for p in ptbs])
+        perturbed = [p is not None for p in ptbs]
+        values = self._cached_values(inputs, perturbed)
+        if values is None:
+            values = self._run(inputs, perturbed)
         self._ptbs = {n.name: p for n, p in zip(self._placeholders, ptbs)}
         final = values[self._final_name]
         if not final.perturbed:
