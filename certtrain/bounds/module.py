@@ -115,8 +115,16 @@ class BoundedModule(nn.Module):
         # must have a bound rule (so an unsupported op fails here, not mid-training).
         example = self._as_inputs(global_input)
         self._input_shapes = [tuple(x.shape[1:]) for x in example]
-        with torch.no_grad():
-            values = self._run(example, perturbed=[True] * len(example))
+        # The check runs in eval mode: it must not update BatchNorm statistics, and a batch of
+        # one must work for a model in training mode.
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            with torch.no_grad():
+                values = self._run(example, perturbed=[True] * len(example))
+        finally:
+            for m, mode in modes:
+                m.training = mode
         for n in self._nodes:
             if n.kind.startswith("call") and values[n.name].perturbed:
                 attach_op(n, self.bound_opts)
