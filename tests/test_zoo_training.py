@@ -8,6 +8,8 @@ import torch
 
 from test_training import run_cfg
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SMALL = {
     "mlp": ["model.hidden=[16]"],
     "cnn_small": ["model.width=4", "model.linear_size=16"],
