@@ -302,7 +302,7 @@ class BoundedModule(nn.Module):
             v = values.get(n.name)
             if v is None or not v.perturbed:
                 continue
-            v.lower, v.upper = self._ibp_node(n, values)
+            v.set_interval(self._ibp_node(n, values))
             if n.name in need and not self._ibp_is_exact(n, values):
                 self._refine(n, values)
 
@@ -456,8 +456,7 @@ class BoundedModule(nn.Module):
             folded = node.op.ibp_spec(C, *args, **kwargs)
             if folded is not None:
                 return folded
-        l, u = final.lower.flatten(1), final.upper.flatten(1)
-        c, r = (u + l) / 2, (u - l) / 2
+        c, r = (t.flatten(1) for t in final.center_radius)
         c = torch.bmm(C, c.unsqueeze(-1)).squeeze(-1)
         r = torch.bmm(C.abs(), r.unsqueeze(-1)).squeeze(-1)
         return c - r, c + r

@@ -6,7 +6,6 @@ inputs plus a constant term.  The graph walk (`certtrain.bounds.module`) never l
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
 
 import torch
@@ -17,23 +16,68 @@ from ..patches import LinearA, Patches
 Interval = tuple[Tensor, Tensor]
 
 
-@dataclass(eq=False)
+class CenterRadius(tuple):
+    """An interval given as (centre, radius): linear ops produce and consume this form, so that
+    chains of them (conv -> BN -> conv) skip the conversions to and from (lower, upper)."""
+
+    __slots__ = ()
+
+    def __new__(cls, center: Tensor, radius: Tensor):
+        return super().__new__(cls, (center, radius))
+
+
 class Value:
     """A graph node's state in one bound computation: its clean value and, if it depends on a
-    perturbed input, its interval bounds."""
+    perturbed input, its interval bounds (kept as lower/upper or centre/radius, converted lazily)."""
 
-    name: str
-    value: Any
-    perturbed: bool = False
-    lower: Optional[Tensor] = None
-    upper: Optional[Tensor] = None
-    # An Lp ball (centre, eps, p) that contains the node's values, kept through ops that map
-    # balls to balls so that the next linear layer can use the dual norm (auto_LiRPA's IBP).
-    ball: Optional[tuple] = None
+    __slots__ = ("name", "value", "perturbed", "_lower", "_upper", "_center", "_radius", "ball")
+
+    def __init__(self, name: str, value: Any, perturbed: bool = False):
+        self.name, self.value, self.perturbed = name, value, perturbed
+        self._lower = self._upper = self._center = self._radius = None
+        # An Lp ball (centre, eps, q) that contains the node's values, kept through ops that map
+        # balls to balls so that the next linear layer can use the dual norm (auto_LiRPA's IBP).
+        self.ball: Optional[tuple] = None
+
+    @property
+    def lower(self) -> Optional[Tensor]:
+        if self._lower is None and self._center is not None:
+            self._lower = self._center - self._radius
+        return self._lower
+
+    @lower.setter
+    def lower(self, t: Optional[Tensor]) -> None:
+        self._lower, self._center, self._radius = t, None, None
+
+    @property
+    def upper(self) -> Optional[Tensor]:
+        if self._upper is None and self._center is not None:
+            self._upper = self._center + self._radius
+        return self._upper
+
+    @upper.setter
+    def upper(self, t: Optional[Tensor]) -> None:
+        self._upper, self._center, self._radius = t, None, None
+
+    def set_interval(self, interval) -> None:
+        """Store an op's IBP result: a CenterRadius or a (lower, upper) pair."""
+        if isinstance(interval, CenterRadius):
+            self._lower = self._upper = None
+            self._center, self._radius = interval
+        else:
+            self._center = self._radius = None
+            self._lower, self._upper = interval
 
     @property
     def bounds(self) -> Interval:
         return (self.lower, self.upper) if self.perturbed else (self.value, self.value)
+
+    @property
+    def center_radius(self) -> tuple[Tensor, Tensor]:
+        if self._center is None:
+            l, u = self.bounds
+            self._center, self._radius = (u + l) * 0.5, (u - l) * 0.5
+        return self._center, self._radius
 
 
 def const(v: Any) -> Any:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..patches import Patches
-from .base import LinearOp
+from .base import CenterRadius, LinearOp
 from .conv import channel_bias
 from .registry import register_op
 
@@ -42,11 +42,9 @@ class BoundBatchNorm(LinearOp):
 
     def ibp(self, x, *args, **kwargs):
         scale, shift = self.affine(x)
-        l, u = x.bounds
-        s, t = self._bcast(scale, l.dim()), self._bcast(shift, l.dim())
-        c, r = (u + l) / 2, (u - l) / 2
-        c, r = c * s + t, r * s.abs()
-        return c - r, c + r
+        c, r = x.center_radius
+        s, t = self._bcast(scale, c.dim()), self._bcast(shift, c.dim())
+        return CenterRadius(c * s + t, r * s.abs())
 
     def ibp_ball(self, x):
         if x.ball is None:

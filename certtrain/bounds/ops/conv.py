@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..patches import LinearA, Patches
-from .base import LinearOp, const
+from .base import CenterRadius, LinearOp, const
 from .registry import UnsupportedOperation, register_op
 
 
@@ -21,11 +21,10 @@ def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
-def conv_ibp(l: Tensor, u: Tensor, w: Tensor, b: Optional[Tensor], stride, padding, dilation, groups):
-    c, r = (u + l) / 2, (u - l) / 2
-    c = F.conv2d(c, w, b, stride, padding, dilation, groups)
-    r = F.conv2d(r, w.abs(), None, stride, padding, dilation, groups)
-    return c - r, c + r
+def conv_ibp(c: Tensor, r: Tensor, w: Tensor, b: Optional[Tensor], stride, padding, dilation, groups):
+    """IBP in centre/radius form: conv(c) + b, conv(r) with |W|."""
+    return CenterRadius(F.conv2d(c, w, b, stride, padding, dilation, groups),
+                        F.conv2d(r, w.abs(), None, stride, padding, dilation, groups))
 
 
 def conv_backward(A: LinearA, w: Tensor, stride, padding, dilation, groups, in_shape) -> LinearA:
@@ -101,7 +100,7 @@ class BoundConv2d(LinearOp):
             c = F.conv2d(c0, w, b, s, p, d, g)
             r = eps * w.flatten(1).norm(p=q, dim=1).view(1, -1, 1, 1)
             return c - r, c + r
-        return conv_ibp(*x.bounds, w, b, s, p, d, g)
+        return conv_ibp(*x.center_radius, w, b, s, p, d, g)
 
     def backward_one(self, A, x, *args):
         w, b, s, p, d, g = self.params((x, *args))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LinearOp, const
+from .base import CenterRadius, LinearOp, const
 from .registry import register_op
 
 
@@ -28,19 +28,15 @@ class BoundLinear(LinearOp):
             c = F.linear(c, w, b)
             r = eps * w.norm(p=q, dim=1)
             return c - r, c + r
-        l, u = x.bounds
         # Centre/radius form: W c + b +- |W| r (Gowal et al. 2018, eq. 6).
-        c, r = (u + l) / 2, (u - l) / 2
-        c = F.linear(c, w, b)
-        r = F.linear(r, w.abs())
-        return c - r, c + r
+        c, r = x.center_radius
+        return CenterRadius(F.linear(c, w, b), F.linear(r, w.abs()))
 
     def ibp_spec(self, C, x, *args):
         """IBP of C·y with C folded into the layer (W' = C W, b' = C b): tighter than applying C
         to the interval of y (Gowal et al. 2018, Sec. 3, "elision of the last layer")."""
         w, b = self.params((x, *args))
-        l, u = x.bounds
-        if l.dim() != 2:
+        if x.value.dim() != 2:
             return None
         w2 = torch.matmul(C, w)  # (B, S, in)
         b2 = torch.matmul(C, b) if b is not None else 0
@@ -49,7 +45,7 @@ class BoundLinear(LinearOp):
             c = torch.bmm(w2, c0.unsqueeze(-1)).squeeze(-1) + b2
             r = eps * w2.norm(p=q, dim=-1)
             return c - r, c + r
-        c, r = (u + l) / 2, (u - l) / 2
+        c, r = x.center_radius
         c = torch.bmm(w2, c.unsqueeze(-1)).squeeze(-1) + b2
         r = torch.bmm(w2.abs(), r.unsqueeze(-1)).squeeze(-1)
         return c - r, c + r
