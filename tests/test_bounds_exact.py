@@ -218,3 +218,19 @@ def test_forward_then_bounds_reuses_the_forward_pass():
     fresh = BoundedModule(model, x0).compute_bounds(x=(x,), method="CROWN-IBP")[0]
     torch.testing.assert_close(lb3, fresh)
     assert not torch.allclose(lb3, lb1)
+
+
+def test_forward_cache_never_serves_other_inputs_or_eps():
+    """After net(x), bounds for another batch (other size or values) or another eps equal a fresh
+    computation: the cache holds clean values only and is keyed on the inputs and parameters."""
+    torch.manual_seed(10)
+    model = randomize_bn(OpsCNN()).double().eval()
+    x0 = torch.rand(3, 2, 16, 16, dtype=torch.float64)
+    net = BoundedModule(model, x0)
+    ref = BoundedModule(model, x0)
+    for other, eps in ((torch.rand(5, 2, 16, 16, dtype=torch.float64), 0.02), (x0.clone() + 0.01, 0.02),
+                       (x0, 0.05)):
+        net(x0)
+        got = net.compute_bounds(x=(BoundedTensor(other, PerturbationLpNorm(eps=eps)),), method="CROWN-IBP")
+        want = ref.compute_bounds(x=(BoundedTensor(other, PerturbationLpNorm(eps=eps)),), method="CROWN-IBP")
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
