@@ -1,5 +1,4 @@
 """Bad input gets a clear error before any work."""
-import math
 
 import pytest
 import torch

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .graph import BoundNode, attach_op, build_nodes, fetch_attr, trace
-from .ops.base import LinearOp, Value
+from .ops.base import Value
 from .ops.linear import BoundLinear
 from .ops.conv import BoundConv2d
 from .patches import LinearA, Patches, to_dense

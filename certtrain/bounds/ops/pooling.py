@@ -9,7 +9,7 @@ from torch import nn
 
 from ..patches import Patches
 from .activation import relax_backward
-from .base import BoundOp, LinearOp, const
+from .base import BoundOp, LinearOp
 from .conv import _pair, conv_backward
 from .registry import UnsupportedOperation, register_op
 
