@@ -359,24 +359,32 @@ class BoundedModule(nn.Module):
         per_row = batch * widest * itemsize * 4
         return max(1, int(self.bound_opts["memory_budget"] // per_row))
 
-    def _backward_rows(self, n: BoundNode, rows: Tensor, values, lower=True, upper=True):
-        """CROWN bounds of the given flat neurons of node n."""
+    def _chunked_backward(self, n: BoundNode, n_rows: int, rows_A0, values, lower: bool, upper: bool):
+        """CROWN bounds of ``n_rows`` rows on node n, in chunks that fit the memory budget;
+        ``rows_A0(start, stop)`` gives the coefficients of rows start..stop-1."""
         v = values[n.name].value
-        B, shape = v.shape[0], tuple(v.shape[1:])
-        step = self._chunk_rows(n, values, B, v.element_size())
+        step = self._chunk_rows(n, values, v.shape[0], v.element_size())
         lbs, ubs = [], []
-        for s in range(0, rows.numel(), step):
-            r = rows[s:s + step]
-            if len(shape) == 3 and self.bound_opts["conv_mode"] == "patches":
-                A0 = Patches.identity(B, shape, r, v.dtype, v.device)
-            else:
-                A0 = torch.zeros(B, r.numel(), math.prod(shape), dtype=v.dtype, device=v.device)
-                A0[:, torch.arange(r.numel(), device=v.device), r] = 1.0
-                A0 = A0.view(B, r.numel(), *shape)
-            lb, ub = self._backward(n, A0, values, lower, upper)
+        for s in range(0, n_rows, step):
+            lb, ub = self._backward(n, rows_A0(s, min(s + step, n_rows)), values, lower, upper)
             lbs.append(lb)
             ubs.append(ub)
         return (torch.cat(lbs, 1) if lower else None), (torch.cat(ubs, 1) if upper else None)
+
+    def _backward_rows(self, n: BoundNode, rows: Tensor, values, lower=True, upper=True):
+        """CROWN bounds of the given flat neurons of node n (identity rows)."""
+        v = values[n.name].value
+        B, shape = v.shape[0], tuple(v.shape[1:])
+
+        def identity(start, stop):
+            r = rows[start:stop]
+            if len(shape) == 3 and self.bound_opts["conv_mode"] == "patches":
+                return Patches.identity(B, shape, r, v.dtype, v.device)
+            A0 = torch.zeros(B, r.numel(), math.prod(shape), dtype=v.dtype, device=v.device)
+            A0[:, torch.arange(r.numel(), device=v.device), r] = 1.0
+            return A0.view(B, r.numel(), *shape)
+
+        return self._chunked_backward(n, rows.numel(), identity, values, lower, upper)
 
     def _backward(self, start: BoundNode, A0: LinearA, values: dict[str, Value], lower: bool, upper: bool):
         """Propagate linear bounds A0 on ``start`` back to the inputs and concretize them."""
@@ -430,22 +438,14 @@ class BoundedModule(nn.Module):
         return A
 
     def _crown_output(self, final: Value, C: Optional[Tensor], values, lower: bool, upper: bool):
-        node = self._by_name[final.name]
         out = final.value
         B = out.shape[0]
         if C is None:
             n_out = math.prod(self._output_shape)
             C = torch.eye(n_out, dtype=out.dtype, device=out.device).expand(B, n_out, n_out)
-        step = self._chunk_rows(node, values, B, out.element_size())
-        lbs, ubs = [], []
-        for s in range(0, C.shape[1], step):
-            A0 = C[:, s:s + step].reshape(B, -1, *self._output_shape)
-            lb, ub = self._backward(node, A0, values, lower, upper)
-            lbs.append(lb)
-            ubs.append(ub)
-        lb = torch.cat(lbs, 1) if lower else None
-        ub = torch.cat(ubs, 1) if upper else None
-        return lb, ub
+        return self._chunked_backward(
+            self._by_name[final.name], C.shape[1],
+            lambda start, stop: C[:, start:stop].reshape(B, -1, *self._output_shape), values, lower, upper)
 
     def _ibp_output(self, final: Value, C: Optional[Tensor], values: dict[str, Value]):
         if C is None:

@@ -105,17 +105,20 @@ class PerturbationLpNorm(Perturbation):
             hi = torch.minimum(hi, _as_tensor(self.x_U, x0).expand_as(hi))
         return lo, hi
 
+    def _row_eps(self, x0: Tensor) -> Tensor:
+        """Radius of an L2/L1 ball as a scalar or one value per example, shaped (B, 1)."""
+        eps = self._eps(x0)
+        return eps.reshape(-1, 1) if eps.dim() else eps
+
     def ball(self, x0: Tensor) -> Optional[tuple]:
         if self.norm == math.inf:
             return None
-        eps = self._eps(x0)
-        return x0, (eps.reshape(-1, 1) if eps.dim() else eps), self.dual_norm
+        return x0, self._row_eps(x0), self.dual_norm
 
     def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
         if self.norm == math.inf:
             lo, hi = self.interval(x0)
             center, radius = (hi + lo) / 2, (hi - lo) / 2
             return a_dot(A, center) + sign * a_dot(a_map(A, torch.abs), radius)
-        eps = self._eps(x0).reshape(-1, 1) if torch.as_tensor(self.eps).dim() else self._eps(x0)
         norm = a_flat(A).norm(p=self.dual_norm, dim=-1)
-        return a_dot(A, x0) + sign * eps * norm
+        return a_dot(A, x0) + sign * self._row_eps(x0) * norm

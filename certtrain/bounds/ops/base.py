@@ -102,7 +102,7 @@ class BoundOp:
     """
 
     targets: ClassVar[Sequence[Any]] = ()
-    supports_patches: ClassVar[bool] = False
+    supports_patches: ClassVar[bool] = False  # if False the walk hands backward() dense coefficients only
     # Indices of the inputs whose interval bounds `backward` needs (the relaxation's l, u).
     relaxed_inputs: ClassVar[tuple[int, ...]] = ()
 

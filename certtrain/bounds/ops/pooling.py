@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..patches import Patches
 from .activation import relax_backward
 from .base import BoundOp, LinearOp
 from .conv import _pair, conv_backward
@@ -125,7 +124,6 @@ class BoundMaxPool2d(BoundOp):
         def to_input(A):
             if A is None:
                 return None
-            A = A.to_dense() if isinstance(A, Patches) else A
             Bn, N = A.shape[:2]
             # Adjoint of "pick x[idx]": scatter-add each output coefficient onto its argmax.
             out = A.new_zeros(Bn, N, C, H * W)

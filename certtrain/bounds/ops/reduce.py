@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..patches import Patches
 from .base import BoundOp, LinearOp, const
 from .registry import UnsupportedOperation, register_op
 
@@ -53,8 +52,6 @@ class BoundSum(LinearOp):
 
     def backward_one(self, A, x, *args, **kwargs):
         dims, keep = _dims(self, x, args, kwargs)
-        if isinstance(A, Patches):
-            A = A.to_dense()
         nA = _expand_back(A, x.value.shape[1:], dims, keep) * self._scale(x, dims)
         return [(x, nA)], 0
 
@@ -110,7 +107,6 @@ class BoundLogSumExp(BoundOp):
         def side(A, d_pos, b_pos, d_neg, b_neg):
             if A is None:
                 return None, 0
-            A = A.to_dense() if isinstance(A, Patches) else A
             alpha = A.reshape(A.shape[0], A.shape[1])  # one coefficient per row
             pos, neg = alpha.clamp(min=0), alpha.clamp(max=0)
             nA = pos.unsqueeze(-1) * d_pos.unsqueeze(1) + neg.unsqueeze(-1) * d_neg.unsqueeze(1)

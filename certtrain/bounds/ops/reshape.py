@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patches import Patches
 from .base import LinearOp, const
 from .registry import UnsupportedOperation, register_op
 
@@ -38,8 +37,6 @@ class BoundReshape(LinearOp):
         return self.apply(c0, *args, **kwargs), eps, q
 
     def backward_one(self, A, x, *args, **kwargs):
-        if isinstance(A, Patches):
-            A = A.to_dense()
         return [(x, A.reshape(*A.shape[:2], *x.value.shape[1:]))], 0
 
 
@@ -69,8 +66,6 @@ class BoundPermute(LinearOp):
         return l.permute(p), u.permute(p)
 
     def backward_one(self, A, x, *args, **kwargs):
-        if isinstance(A, Patches):
-            A = A.to_dense()
         p = self.perm(x, args, kwargs)
         pa = [0, 1] + [d + 1 for d in p[1:]]
         inv = [0] * len(pa)
