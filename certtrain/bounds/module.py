@@ -136,6 +136,31 @@ class BoundedModule(nn.Module):
         self._output_shape = tuple(out.shape[1:])
         self._warned_grad = False
         self._cache = None
+        self._kept: Optional[dict[str, Value]] = None
+
+    # ---------------------------------------------------------------- graph facts
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the graph's input nodes, in the order of the model's arguments."""
+        return [n.name for n in self._placeholders]
+
+    def pre_activation_names(self) -> list[str]:
+        """Names of the nodes whose bounds a relaxed op (ReLU, Sigmoid, MaxPool ...) consumes, in
+        topological order: the "pre-activation" layers of the regularizers of Shi et al. 2021."""
+        seen: list[str] = []
+        for n in self._nodes:
+            for i in getattr(n.op, "relaxed_inputs", ()):
+                if n.inputs[i] not in seen:
+                    seen.append(n.inputs[i])
+        return seen
+
+    def save_intermediate(self) -> "dict[str, tuple[Tensor, Tensor]]":
+        """Bounds (lower, upper) of every perturbed node from the last ``compute_bounds`` call made
+        with ``keep_intermediate=True`` (auto_LiRPA's name), keyed by node name in topological order."""
+        if self._kept is None:
+            raise RuntimeError("no intermediate bounds kept: call compute_bounds(..., keep_intermediate=True) first")
+        return {n.name: (self._kept[n.name].lower, self._kept[n.name].upper) for n in self._nodes
+                if n.name in self._kept and self._kept[n.name].perturbed and n.kind != "output"}
 
     # ---------------------------------------------------------------- forward
     def forward(self, *x: Tensor) -> Tensor:
@@ -250,12 +275,14 @@ class BoundedModule(nn.Module):
     # ---------------------------------------------------------------- bounds
     def compute_bounds(self, x: Union[Tensor, Sequence[Tensor], None] = None, C: Optional[Tensor] = None,
                        method: Optional[str] = "CROWN", IBP: bool = False, forward: bool = False,
-                       bound_lower: bool = True, bound_upper: bool = True, **unused
+                       bound_lower: bool = True, bound_upper: bool = True,
+                       keep_intermediate: bool = False, **unused
                        ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Lower and upper bounds of ``C @ model(x)`` (or of the outputs) over the perturbation.
 
         Returns (lb, ub), each (batch, n_spec) with C, else (batch, *output_shape); a side not
-        asked for is None.
+        asked for is None.  ``keep_intermediate=True`` keeps every node's bounds of this call for
+        `save_intermediate` (differentiable; off by default so training holds no extra memory).
         """
         if x is None:
             raise ValueError("compute_bounds needs x=(BoundedTensor(...),)")
@@ -279,6 +306,7 @@ class BoundedModule(nn.Module):
                           "matrix, so memory_budget cannot bound memory. For verification, call "
                           "compute_bounds under torch.no_grad().", stacklevel=2)
         self._intervals(values, refine=(method == "CROWN"))
+        self._kept = values if keep_intermediate else None
         if method == "IBP":
             lb, ub = self._ibp_output(final, C, values)
         else:
