@@ -22,7 +22,9 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 def check_config(cfg: DictConfig) -> None:
     """Fail fast (ValueError) on settings that cannot work, before any data or model is built."""
-    from certtrain.module import METHODS, _check_eps, parse_norm
+    from omegaconf import OmegaConf
+
+    from certtrain.module import METHODS, _check_eps, _check_val_bounds, check_method_options, parse_norm
     from certtrain.schedules import SCHEDULES
 
     p = cfg.perturbation
@@ -32,6 +34,11 @@ def check_config(cfg: DictConfig) -> None:
         _check_eps("perturbation.eval_eps", p.eval_eps)
     if cfg.method.name not in METHODS:
         raise ValueError(f"unknown method.name {cfg.method.name!r}; available: {', '.join(METHODS)}")
+    # method hyperparameters (λ in (0, 1], α in [0, 1], attack steps >= 0, ...): ValueError naming the key
+    check_method_options(cfg.method.name, OmegaConf.to_container(cfg.method, resolve=True), norm=p.norm)
+    if cfg.eval.get("val_bounds") is not None:
+        _check_val_bounds(OmegaConf.to_container(cfg.eval.val_bounds, resolve=True)
+                          if OmegaConf.is_config(cfg.eval.val_bounds) else cfg.eval.val_bounds)
     s = cfg.schedule
     if s.name not in SCHEDULES:
         raise ValueError(f"unknown schedule.name {s.name!r}; available: {', '.join(sorted(SCHEDULES))}")

@@ -1,14 +1,30 @@
-"""Batched PGD attack (Madry et al. 2018) in L∞ or L2 with random start and restarts, inside [0, 1]."""
+"""Adversarial attacks for training and evaluation: batched PGD (Madry et al. 2018) and FGSM
+(Goodfellow et al. 2015) in L∞ or L2, inside [x_min, x_max], with random start, restarts, a
+step-size decay (Müller et al. 2023) and a choice of loss (cross-entropy or margin).
+
+Evaluation wants the first misclassified point (``select="first_wrong"``); training wants the
+point of highest loss (``select="max_loss"``) or simply the last iterate (``select="last"``).
+:class:`AttackConfig` is the attack of a training method (``method.attack`` in the config), with
+its step size given in units of ε.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pgd_accuracy", "pgd_attack"]
+__all__ = ["ATTACK_LOSSES", "SELECTIONS", "AttackConfig", "attack_loss", "eval_mode", "fgsm_attack", "pgd_accuracy",
+           "pgd_attack"]
+
+ATTACK_LOSSES = ("ce", "margin")
+SELECTIONS = ("first_wrong", "max_loss", "last")
 
 
 def _norm_value(norm: float | str) -> float:
@@ -39,59 +55,207 @@ def _random_start(x: Tensor, eps: float, norm: float) -> Tensor:
     return d * _view(r * eps, x)
 
 
+def attack_loss(logits: Tensor, y: Tensor, loss: str = "ce") -> Tensor:
+    """Per-example loss (B,) that the attack maximises: ``ce`` (cross-entropy) or ``margin``
+    (max_{j != y} z_j - z_y, Carlini & Wagner 2017: positive iff misclassified)."""
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="none")
+    if loss == "margin":
+        z_y = logits.gather(1, y.view(-1, 1)).squeeze(1)
+        others = logits.scatter(1, y.view(-1, 1), float("-inf"))
+        return others.max(1).values - z_y
+    raise ValueError(f"unknown attack loss {loss!r}; available: {', '.join(ATTACK_LOSSES)}")
+
+
+def _decay_steps(steps: int, step_decay: Sequence[float]) -> list[int]:
+    """Steps (0-based) from which the step size is multiplied by the decay factor once more:
+    ceil(f * steps) for each fraction f (Müller et al. 2023 use 0.5, 0.8, 0.9)."""
+    return sorted(math.ceil(float(f) * steps) for f in step_decay)
+
+
 def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: float | str = math.inf,
                steps: int = 10, step_size: float | None = None, restarts: int = 1, random_start: bool = True,
-               x_min: float = 0.0, x_max: float = 1.0) -> Tensor:
-    """Adversarial inputs within ``||x' - x||_norm <= eps`` and [x_min, x_max] maximising the CE loss.
+               x_min: float = 0.0, x_max: float = 1.0, loss: str = "ce", select: str = "first_wrong",
+               step_decay: Sequence[float] = (), decay_factor: float = 0.1) -> Tensor:
+    """Adversarial inputs within ``||x' - x||_norm <= eps`` and [x_min, x_max] maximising ``loss``.
 
-    Per example, the first misclassified iterate over all restarts is kept (else the last one).
-    ``step_size`` defaults to 2.5 * eps / steps.  Works under ``torch.no_grad`` / inference mode.
+    ``select``: ``first_wrong`` keeps, per example, the first misclassified iterate over all restarts
+    (else the last one); ``max_loss`` the iterate of highest loss over all steps and restarts;
+    ``last`` the final iterate of the last restart.  ``step_size`` (absolute) defaults to
+    2.5 * eps / steps; it is multiplied by ``decay_factor`` from each step ceil(f * steps), f in
+    ``step_decay``.  Works under ``torch.no_grad`` / inference mode; parameter gradients are untouched.
     """
     norm = _norm_value(norm)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     if steps < 0 or restarts < 1:
         raise ValueError(f"need steps >= 0 and restarts >= 1, got {steps}, {restarts}")
+    if select not in SELECTIONS:
+        raise ValueError(f"unknown select {select!r}; available: {', '.join(SELECTIONS)}")
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; available: {', '.join(ATTACK_LOSSES)}")
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone()
         y = y.detach().clone()
         if eps == 0 or steps == 0:
             return x
         alpha = 2.5 * eps / steps if step_size is None else float(step_size)
+        decay_at = _decay_steps(steps, step_decay)
         best = x.clone()
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        best_loss = torch.full((x.shape[0],), -math.inf, device=x.device, dtype=x.dtype)
+
+        def keep(point: Tensor, logits: Tensor, value: Tensor) -> None:
+            nonlocal found
+            if select == "max_loss":
+                better = value > best_loss
+                best[better] = point[better]
+                best_loss[better] = value[better]
+                return
+            wrong = logits.argmax(1) != y
+            new = wrong & ~found
+            best[new] = point[new]
+            found |= wrong
+
         for _ in range(restarts):
             delta = _random_start(x, eps, norm) if random_start else torch.zeros_like(x)
             delta = (x + delta).clamp(x_min, x_max) - x
-            for _ in range(steps):
+            for i in range(steps):
                 delta.requires_grad_(True)
                 logits = model(x + delta)
-                wrong = logits.argmax(1) != y
-                new = wrong & ~found
-                best[new] = (x + delta).detach()[new]
-                found |= wrong
-                loss = F.cross_entropy(logits, y, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, delta)
+                value = attack_loss(logits, y, loss)
+                keep((x + delta).detach(), logits.detach(), value.detach())
+                (grad,) = torch.autograd.grad(value.sum(), delta)
                 with torch.no_grad():
+                    a = alpha * decay_factor ** sum(i >= s for s in decay_at)
                     if norm == math.inf:
-                        step = alpha * grad.sign()
+                        step = a * grad.sign()
                     else:
-                        step = alpha * grad / _view(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
+                        step = a * grad / _view(grad.flatten(1).norm(dim=1).clamp_min(1e-12), grad)
                     delta = _project(delta.detach() + step, eps, norm)
                     delta = (x + delta).clamp(x_min, x_max) - x
             with torch.no_grad():
-                wrong = model(x + delta).argmax(1) != y
-                new = wrong & ~found
-                best[new] = (x + delta)[new]
-                best[~found & ~wrong] = (x + delta)[~found & ~wrong]
-                found |= wrong
-            if bool(found.all()):
+                last = x + delta
+                if select == "last":
+                    best = last
+                    continue
+                logits = model(last)
+                keep(last, logits, attack_loss(logits, y, loss))
+                if select == "first_wrong":
+                    best[~found] = last[~found]
+            if select == "first_wrong" and bool(found.all()):
                 break
         return best.detach()
 
 
-def pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, **kwargs) -> Tensor:
+def fgsm_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: float | str = math.inf,
+                step_size: float | None = None, random_start: bool = False, x_min: float = 0.0,
+                x_max: float = 1.0, loss: str = "ce", select: str = "last") -> Tensor:
+    """FGSM (Goodfellow et al. 2015): one signed-gradient step of size ``step_size`` (default eps).
+    With ``random_start=True`` and ``step_size=1.25 * eps`` it is FGSM-RS (Wong et al. 2020)."""
+    return pgd_attack(model, x, y, eps, norm=norm, steps=1, step_size=eps if step_size is None else step_size,
+                      restarts=1, random_start=random_start, x_min=x_min, x_max=x_max, loss=loss, select=select)
+
+
+def pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, **kwargs: Any) -> Tensor:
     """Boolean (B,): correctly classified on the PGD adversarial input (see :func:`pgd_attack`)."""
     x_adv = pgd_attack(model, x, y, eps, **kwargs)
     with torch.no_grad():
         return model(x_adv).argmax(1) == y
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` in eval mode (BatchNorm with running statistics, no statistic updates), then
+    restore every submodule's mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """The attack of a training method (``method.attack``): ``steps`` PGD steps (1 with
+    ``random_start=false`` is FGSM) of ``step_size`` × ε, decayed by ``decay_factor`` at the
+    fractions ``step_decay`` of the steps; ``restarts``; ``loss`` ce | margin; ``select``
+    max_loss | last | first_wrong; ``bn_eval``: attack with BatchNorm in eval mode (as Müller et
+    al. 2023 and De Palma et al. 2024), so the attack neither uses nor changes batch statistics."""
+
+    steps: int = 10
+    step_size: float = 0.25
+    restarts: int = 1
+    random_start: bool = True
+    loss: str = "ce"
+    select: str = "max_loss"
+    step_decay: tuple[float, ...] = field(default_factory=tuple)
+    decay_factor: float = 0.1
+    bn_eval: bool = True
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None, where: str = "method.attack",
+                     defaults: Mapping[str, Any] | None = None) -> AttackConfig:
+        """Validated config from a mapping (unknown keys and bad values: ValueError naming ``where.key``)."""
+        known = {f for f in cls.__dataclass_fields__}
+        opts = dict(defaults or {})
+        for k, v in dict(options or {}).items():
+            if k not in known:
+                raise ValueError(f"unknown option {where}.{k}; available: {', '.join(sorted(known))}")
+            opts[k] = v
+
+        def integer(key: str, minimum: int) -> int:
+            v = opts.get(key, getattr(cls, key))
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < minimum:
+                raise ValueError(f"{where}.{key} must be an integer >= {minimum}, got {v!r}")
+            return int(v)
+
+        def number(key: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
+            v = opts.get(key, getattr(cls, key))
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v)) \
+                and (float(v) > low if low_open else float(v) >= low) and float(v) <= high
+            if not ok:
+                bound = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+                raise ValueError(f"{where}.{key} must be a number {bound}, got {v!r}")
+            return float(v)
+
+        def boolean(key: str) -> bool:
+            v = opts.get(key, getattr(cls, key))
+            if not isinstance(v, bool):
+                raise ValueError(f"{where}.{key} must be true or false, got {v!r}")
+            return v
+
+        def choice(key: str, choices: Sequence[str]) -> str:
+            v = opts.get(key, getattr(cls, key))
+            if v not in choices:
+                raise ValueError(f"{where}.{key} must be one of {', '.join(choices)}, got {v!r}")
+            return str(v)
+
+        decay = opts.get("step_decay", ())
+        decay = () if decay is None else decay
+        if isinstance(decay, (str, bytes)) or not isinstance(decay, Sequence) or not all(
+                isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < float(f) <= 1 for f in decay):
+            raise ValueError(f"{where}.step_decay must be a list of fractions of the steps in (0, 1], got {decay!r}")
+        return cls(steps=integer("steps", 0), step_size=number("step_size", 0.0, low_open=True),
+                   restarts=integer("restarts", 1), random_start=boolean("random_start"),
+                   loss=choice("loss", ATTACK_LOSSES), select=choice("select", SELECTIONS),
+                   step_decay=tuple(float(f) for f in decay), decay_factor=number("decay_factor", 0.0, 1.0, True),
+                   bn_eval=boolean("bn_eval"))
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["step_decay"] = list(self.step_decay)
+        return d
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, eps: float, norm: float | str = math.inf,
+            x_min: float = 0.0, x_max: float = 1.0) -> Tensor:
+        """Adversarial points of ``model`` in the ε-ball around x within [x_min, x_max] (detached)."""
+        kwargs = dict(norm=norm, steps=self.steps, step_size=self.step_size * eps, restarts=self.restarts,
+                      random_start=self.random_start, x_min=x_min, x_max=x_max, loss=self.loss,
+                      select=self.select, step_decay=self.step_decay, decay_factor=self.decay_factor)
+        if self.bn_eval:
+            with eval_mode(model):
+                return pgd_attack(model, x, y, eps, **kwargs)
+        return pgd_attack(model, x, y, eps, **kwargs)

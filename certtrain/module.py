@@ -1,8 +1,19 @@
-"""CertifiedModule: a LightningModule training any classifier with IBP / CROWN-IBP bounds.
+"""CertifiedModule: a LightningModule training any classifier with certified-training methods.
 
-loss = κ · CE(clean logits) + (1 - κ) · robust_ce(lb), where lb are lower bounds of the margins
-z_y - z_j over the ε-ball (in pixel space [0, 1]); for CROWN-IBP, lb = β·lb_CROWN-IBP + (1-β)·lb_IBP
-(Zhang et al. 2020).  ε, κ and β follow schedules of the global step (see certtrain.schedules).
+loss = κ · CE(clean logits) + (1 - κ) · L_robust (+ warm-up regularizers + L1), where L_robust is
+the method's robust loss over the ε-ball around x within [0, 1] (pixel space):
+
+* ``ibp`` / ``fast_ibp``: robust_ce(lb) of the IBP margin lower bounds (Gowal et al. 2018; fast_ibp
+  adds the IBP initialization and warm-up regularizers of Shi et al. 2021);
+* ``crown_ibp``: lb = β·lb_CROWN-IBP + (1-β)·lb_IBP (Zhang et al. 2020);
+* ``sabr``: robust_ce of IBP on a small box of radius λ·ε around a PGD point (Müller et al. 2023);
+* ``mtl_ibp``: α·L_IBP + (1-α)·CE(PGD point) (De Palma et al. 2024);
+* ``pgd``: CE(PGD point) (Madry et al. 2018);
+* ``natural``: the clean loss only.
+
+ε, κ and β follow schedules of the global step (see certtrain.schedules).  The bound maths lives in
+certtrain.bounds, the attacks in certtrain.attacks, the regularizers in certtrain.regularizers and
+the initialization in certtrain.initialization.
 """
 
 from __future__ import annotations
@@ -20,16 +31,120 @@ from torch import Tensor, nn
 
 from .normalize import Normalize
 
-from .attacks import pgd_accuracy
+from .attacks import AttackConfig, pgd_accuracy
 from .bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
+from .initialization import count_batchnorm, ibp_init
 from .loss_fusion import CrossEntropyBound, one_hot
 from .losses import margin_spec, robust_ce, verified
+from .regularizers import REG_TERMS, warmup_regularizer, warmup_weight
 from .schedules import Schedule, build_schedule
 
-__all__ = ["METHODS", "CertifiedModule", "frozen_bn_stats", "load_certified", "module_from_config", "parse_norm"]
+__all__ = ["METHODS", "CertifiedModule", "check_method_options", "frozen_bn_stats", "load_certified",
+           "module_from_config", "parse_norm", "sabr_box"]
 
-METHODS = ("natural", "ibp", "crown_ibp")
+METHODS = ("natural", "ibp", "crown_ibp", "fast_ibp", "sabr", "mtl_ibp", "pgd")
+#: methods whose training loss needs bounds (the warm-up regularizers read theirs)
+BOUND_METHODS = ("ibp", "crown_ibp", "fast_ibp", "sabr", "mtl_ibp")
+#: methods whose training loss needs an attack (``method.attack``)
+ATTACK_METHODS = ("sabr", "mtl_ibp", "pgd")
+INITS = ("default", "ibp")
+VAL_BOUNDS = ("IBP", "CROWN-IBP")
 _BOUND_NAMES = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
+
+#: per-method attack defaults (the papers' MNIST settings; step_size in units of ε)
+ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Müller et al. 2023 (SABR code): 8 PGD steps of 0.5·ε, ×0.1 at 50 %, 80 %, 90 % of the steps,
+    # CE, random start, BatchNorm in eval mode, the point of highest loss
+    "sabr": {"steps": 8, "step_size": 0.5, "restarts": 1, "random_start": True, "loss": "ce",
+             "select": "max_loss", "step_decay": [0.5, 0.8, 0.9], "decay_factor": 0.1, "bn_eval": True},
+    # De Palma et al. 2024 (MNIST, README): 1 step of 10·(box radius) from a random start
+    # (train_att_n_steps 1, train_att_step_size 10), i.e. FGSM with random start clipped to the ball
+    "mtl_ibp": {"steps": 1, "step_size": 10.0, "restarts": 1, "random_start": True, "loss": "ce",
+                "select": "last", "step_decay": [], "decay_factor": 0.1, "bn_eval": True},
+    # Madry et al. 2018 (MNIST): 40 steps of 0.01 at ε = 0.3 (= ε/30), random start
+    "pgd": {"steps": 40, "step_size": 1 / 30, "restarts": 1, "random_start": True, "loss": "ce",
+            "select": "max_loss", "step_decay": [], "decay_factor": 0.1, "bn_eval": False},
+}
+
+#: every key a ``method`` config may hold, with its default
+METHOD_OPTIONS: dict[str, Any] = {
+    "kappa_start": 1.0, "kappa_end": 1.0, "beta_start": 1.0, "beta_end": 0.0, "loss_fusion": False,
+    "init": "default",                      # default | ibp (Shi et al. 2021)
+    "reg_lambda": 0.0,                      # λ of the warm-up regularizers (Shi et al. 2021: 0.5)
+    "reg_tau": 0.5,                         # τ of the warm-up regularizers (Shi et al. 2021: 0.5)
+    "reg_terms": list(REG_TERMS),           # tightness and / or relu
+    "reg_min_eps": 1e-6,                    # ε of the regularizer's bounds while the training ε is 0
+    "l1": 0.0,                              # weight of the L1 norm of the Linear / Conv weights
+    "lambda_ratio": 0.4,                    # sabr: small-box radius / ε (Müller et al. 2023, MNIST 0.1)
+    "alpha": 0.01,                          # mtl_ibp: weight of the IBP loss (De Palma et al. 2024, MNIST 0.1)
+    "attack": None,                         # sabr / mtl_ibp / pgd: see certtrain.attacks.AttackConfig
+}
+
+
+def _number(where: str, v: Any, low: float, high: float = math.inf, low_open: bool = False,
+            high_open: bool = False) -> float:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    if ok:
+        f = float(v)
+        ok = (f > low if low_open else f >= low) and (f < high if high_open else f <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open or high == math.inf else "]"
+        raise ValueError(f"{where} must be a number in {lo}{low:g}, {high:g}{hi}, got {v!r}")
+    return float(v)
+
+
+def check_method_options(name: str, options: Mapping[str, Any], norm: float | str = "inf",
+                         where: str = "method") -> dict[str, Any]:
+    """Validated options of training method ``name`` (the keys of :data:`METHOD_OPTIONS`, defaults
+    filled in; ``attack`` becomes an :class:`~certtrain.attacks.AttackConfig` dict for the methods
+    that attack, else None).  Raises ValueError naming the bad ``where.key`` and what it accepts."""
+    if name not in METHODS:
+        raise ValueError(f"unknown {where}.name {name!r}; available: {', '.join(METHODS)}")
+    unknown = sorted(k for k in options if k not in METHOD_OPTIONS and k != "name")
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(f'{where}.{k}' for k in unknown)}; available: "
+                         f"{', '.join(sorted(METHOD_OPTIONS))}")
+    o = {k: d if options.get(k) is None else options[k] for k, d in METHOD_OPTIONS.items()}
+    for k in ("kappa_start", "kappa_end", "beta_start", "beta_end", "alpha"):
+        o[k] = _number(f"{where}.{k}", o[k], 0.0, 1.0)
+    o["lambda_ratio"] = _number(f"{where}.lambda_ratio", o["lambda_ratio"], 0.0, 1.0, low_open=True)
+    o["reg_lambda"] = _number(f"{where}.reg_lambda", o["reg_lambda"], 0.0)
+    o["reg_tau"] = _number(f"{where}.reg_tau", o["reg_tau"], 0.0, 1.0, low_open=True)
+    o["reg_min_eps"] = _number(f"{where}.reg_min_eps", o["reg_min_eps"], 0.0, low_open=True)
+    o["l1"] = _number(f"{where}.l1", o["l1"], 0.0)
+    if o["init"] not in INITS:
+        raise ValueError(f"{where}.init must be one of {', '.join(INITS)}, got {o['init']!r}")
+    terms = o["reg_terms"]
+    if isinstance(terms, str) or not isinstance(terms, Sequence) or not terms or any(t not in REG_TERMS for t in terms):
+        raise ValueError(f"{where}.reg_terms must be a non-empty list of {', '.join(REG_TERMS)}, got {terms!r}")
+    o["reg_terms"] = list(dict.fromkeys(terms))
+    if not isinstance(o["loss_fusion"], bool):
+        raise ValueError(f"{where}.loss_fusion must be true or false, got {o['loss_fusion']!r}")
+    if o["reg_lambda"] > 0 and name not in BOUND_METHODS:
+        raise ValueError(f"{where}.reg_lambda > 0 needs bounds, but method {name!r} computes none; use one of "
+                         f"{', '.join(BOUND_METHODS)} or set {where}.reg_lambda=0")
+    if name == "sabr" and parse_norm(norm) != math.inf:
+        raise ValueError("method sabr propagates L∞ boxes: use perturbation.norm=inf (perturbation=linf)")
+    if name in ATTACK_METHODS:
+        o["attack"] = AttackConfig.from_mapping(o["attack"], f"{where}.attack", ATTACK_DEFAULTS[name]).as_dict()
+    else:
+        o["attack"] = None
+    return o
+
+
+def sabr_box(x: Tensor, x_adv: Tensor, eps: float, lambda_ratio: float, x_min: float = 0.0,
+             x_max: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SABR's propagation region (Müller et al. 2023, Sec. 3): the box of radius λ·ε around the
+    adversarial point, shifted to lie inside B = [x - ε, x + ε] ∩ [x_min, x_max].
+
+    Returns (centre, radius, lo, hi), with lo/hi the corners of B.  Where B is narrower than 2λε
+    (clipped by the domain) the radius shrinks to half of B's width there, so at λ = 1 the box is B.
+    """
+    lo, hi = (x - eps).clamp(min=x_min), (x + eps).clamp(max=x_max)
+    radius = torch.minimum(torch.full_like(x, lambda_ratio * eps), (hi - lo) / 2)
+    centre = torch.maximum(torch.minimum(x_adv, hi - radius), lo + radius)
+    return centre, radius, lo, hi
 
 
 def parse_norm(norm: float | str) -> float:
@@ -55,6 +170,21 @@ def _check_eps(name: str, eps: Any) -> float:
     return value
 
 
+def _check_val_bounds(bounds: Any) -> tuple[str, ...]:
+    """Canonical names of the bounds of ``val/verified_acc_target`` (IBP, CROWN-IBP)."""
+    items = [bounds] if isinstance(bounds, str) else list(bounds or ())
+    out = []
+    for b in items:
+        name = _BOUND_NAMES.get(str(b).strip().lower().replace("-", "_"), str(b).upper())
+        if name not in VAL_BOUNDS:
+            raise ValueError(f"eval.val_bounds: unknown bound {b!r}; use a list of {', '.join(VAL_BOUNDS)}")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise ValueError(f"eval.val_bounds is empty; give one or more of {', '.join(VAL_BOUNDS)}")
+    return tuple(out)
+
+
 @contextmanager
 def frozen_bn_stats(net: nn.Module) -> Iterator[None]:
     """BatchNorm layers in training mode keep their running statistics (the bound engine's clean pass)."""
@@ -75,12 +205,20 @@ def frozen_bn_stats(net: nn.Module) -> Iterator[None]:
 class CertifiedModule(pl.LightningModule):
     """Certified training of ``model`` (inputs in pixel space; ``Normalize(mean, std)`` is prepended).
 
-    ``method``: natural | ibp | crown_ibp.  ``eps`` is the training target ε, ``eval_eps`` the ε of
+    ``method``: one of :data:`METHODS`.  ``eps`` is the training target ε, ``eval_eps`` the ε of
     evaluation (default ``eps``).  ``schedule``: config of the ramp shared by ε (0 → eps), κ
     (kappa_start → kappa_end) and β (beta_start → beta_end); see :func:`certtrain.schedules.build_schedule`.
     ``milestones`` (epochs) / ``gamma``: MultiStepLR.  ``test_crown``: also verify with CROWN in
     test (True / False / "auto": when the model has at most ``crown_max_neurons`` ReLU neurons).
+    ``val_bounds``: bounds of ``val/verified_acc_target`` (verified at ``eval_eps`` by any of them).
+    Method options (see :data:`METHOD_OPTIONS` and :func:`check_method_options`): ``init``,
+    ``reg_lambda`` / ``reg_tau`` / ``reg_terms`` / ``reg_min_eps`` (warm-up regularizers), ``l1``,
+    ``lambda_ratio`` (sabr), ``alpha`` (mtl_ibp), ``attack`` (sabr / mtl_ibp / pgd).
     ``config``: the resolved run config, stored in checkpoints as ``checkpoint["certtrain_config"]``.
+
+    BatchNorm: the running statistics are updated by the clean forward pass of each training step
+    only; attacks (``attack.bn_eval``) run in eval mode, and bound / adversarial passes use their own
+    batch statistics without updating the running ones.
     """
 
     def __init__(
@@ -111,28 +249,47 @@ class CertifiedModule(pl.LightningModule):
         bound_opts: Mapping[str, Any] | None = None,
         config: Mapping[str, Any] | None = None,
         loss_fusion: bool = False,
+        init: str = "default",
+        reg_lambda: float = 0.0,
+        reg_tau: float = 0.5,
+        reg_terms: Sequence[str] = REG_TERMS,
+        reg_min_eps: float = 1e-6,
+        l1: float = 0.0,
+        lambda_ratio: float = 0.4,
+        alpha: float = 0.01,
+        attack: Mapping[str, Any] | None = None,
+        val_bounds: Sequence[str] = ("IBP",),
     ) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+        opts = check_method_options(method, dict(
+            kappa_start=kappa_start, kappa_end=kappa_end, beta_start=beta_start, beta_end=beta_end,
+            loss_fusion=bool(loss_fusion), init=init, reg_lambda=reg_lambda, reg_tau=reg_tau,
+            reg_terms=list(reg_terms), reg_min_eps=reg_min_eps, l1=l1, lambda_ratio=lambda_ratio, alpha=alpha,
+            attack=None if attack is None else dict(attack)), norm=norm)
         self.method = method
         self.norm = parse_norm(norm)
         self.eps = _check_eps("eps", eps)
         self.eval_eps = self.eps if eval_eps is None else _check_eps("eval_eps", eval_eps)
-        for name, v in (("kappa_start", kappa_start), ("kappa_end", kappa_end),
-                        ("beta_start", beta_start), ("beta_end", beta_end)):
-            if not 0.0 <= float(v) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {v}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if method == "natural":
-            kappa_start = kappa_end = 1.0
+            opts["kappa_start"] = opts["kappa_end"] = 1.0
         self.num_classes = int(num_classes)
+        if opts["init"] == "ibp":
+            ibp_init(model)
+        if method == "fast_ibp":
+            n_bn, n_layers = count_batchnorm(model)
+            if n_bn < n_layers - 1:
+                warnings.warn(f"fast_ibp: the model has {n_bn} BatchNorm layer(s) for {n_layers} Linear/Conv layers; "
+                              "Shi et al. 2021 put BatchNorm after every layer but the last and found it crucial for "
+                              "short warm-ups (e.g. model=cnn_7layer_bn)", stacklevel=2)
         self.net = nn.Sequential(Normalize(mean, std), model)
         sched = dict(schedule or {"name": "constant"})
         self.eps_schedule: Schedule = build_schedule(sched, 0.0, self.eps)
-        self.kappa_schedule: Schedule = build_schedule(sched, float(kappa_start), float(kappa_end))
-        self.beta_schedule: Schedule = build_schedule(sched, float(beta_start), float(beta_end))
+        self.kappa_schedule: Schedule = build_schedule(sched, opts["kappa_start"], opts["kappa_end"])
+        self.beta_schedule: Schedule = build_schedule(sched, opts["beta_start"], opts["beta_end"])
         self.lr, self.weight_decay = float(lr), float(weight_decay)
         self.milestones, self.gamma = [float(m) for m in milestones], float(gamma)
         self.val_pgd_steps, self.pgd_steps = int(val_pgd_steps), int(pgd_steps)
@@ -143,8 +300,14 @@ class CertifiedModule(pl.LightningModule):
         self.test_crown: bool | str = test_crown
         self.crown_max_neurons = int(crown_max_neurons)
         self.bound_opts = dict(bound_opts or {})
+        self.val_bounds = _check_val_bounds(val_bounds)
         self.config = config
-        self.loss_fusion = bool(loss_fusion)
+        self.loss_fusion = opts["loss_fusion"]
+        self.init = opts["init"]
+        self.reg_lambda, self.reg_tau = opts["reg_lambda"], opts["reg_tau"]
+        self.reg_terms, self.reg_min_eps = tuple(opts["reg_terms"]), opts["reg_min_eps"]
+        self.l1, self.lambda_ratio, self.alpha = opts["l1"], opts["lambda_ratio"], opts["alpha"]
+        self.attack = AttackConfig.from_mapping(opts["attack"]) if opts["attack"] is not None else None
         self.__dict__["_bounded"] = None  # built lazily from the first batch; not a submodule
         self.__dict__["_bounded_loss"] = None
         self.save_hyperparameters(ignore=["model", "config"])
@@ -209,14 +372,29 @@ class CertifiedModule(pl.LightningModule):
             self.test_crown = self.relu_neurons(example) <= self.crown_max_neurons
         return bool(self.test_crown)
 
-    def margin_bounds(self, x: Tensor, y: Tensor, eps: float, method: str = "IBP") -> Tensor:
-        """Lower bounds (B, K-1) of the margins z_y - z_j over the ε-ball around x within [0, 1]."""
+    def margin_bounds(self, x: Tensor, y: Tensor, eps: float | Tensor, method: str = "IBP",
+                      keep_intermediate: bool = False, perturbation: PerturbationLpNorm | None = None) -> Tensor:
+        """Lower bounds (B, K-1) of the margins z_y - z_j over the ε-ball around x within [0, 1]
+        (or over ``perturbation`` around x).  ``keep_intermediate``: keep the per-node bounds for
+        :meth:`intermediate_bounds` (the warm-up regularizers)."""
         C = margin_spec(y, self.num_classes).to(x.dtype)
-        bx = BoundedTensor(x, PerturbationLpNorm(norm=self.norm, eps=eps, x_L=0.0, x_U=1.0))
+        ptb = perturbation or PerturbationLpNorm(norm=self.norm, eps=eps, x_L=0.0, x_U=1.0)
+        bx = BoundedTensor(x, ptb)
         net = self.bounded(x)
         with frozen_bn_stats(self.net):  # the clean forward of self.net already updated them
-            lb, _ = net.compute_bounds(x=(bx,), method=_BOUND_NAMES.get(method, method), C=C, bound_upper=False)
+            lb, _ = net.compute_bounds(x=(bx,), method=_BOUND_NAMES.get(method, method), C=C, bound_upper=False,
+                                       keep_intermediate=keep_intermediate)
         return lb
+
+    def intermediate_bounds(self) -> tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
+        """(normalised input box, pre-activation boxes) of the last bound call made with
+        ``keep_intermediate=True``: what the regularizers of Shi et al. 2021 read.  The input box is
+        taken after ``Normalize`` (as in their code, where the data are normalised)."""
+        net = self.__dict__["_bounded"]
+        inter = net.save_intermediate()
+        lo, hi = inter[net.input_names[0]]
+        normalize = self.net[0]
+        return (normalize(lo), normalize(hi)), [inter[n] for n in net.pre_activation_names() if n in inter]
 
     def bounded_loss(self, example: Tensor) -> BoundedModule:
         """The bound engine around the per-example cross-entropy of ``self.net`` (loss fusion)."""
@@ -241,47 +419,142 @@ class CertifiedModule(pl.LightningModule):
             _, ub = net.compute_bounds(x=(bx, oh), method="CROWN-IBP", bound_lower=False)
         return ub.squeeze(1)
 
-    def training_bound(self, x: Tensor, y: Tensor, eps: float, beta: float) -> Tensor:
+    def training_bound(self, x: Tensor, y: Tensor, eps: float, beta: float, keep_intermediate: bool = False) -> Tensor:
         """The bound of the training method: IBP, or β·CROWN-IBP + (1-β)·IBP for crown_ibp."""
         if self.method == "crown_ibp" and beta > 0:
-            lb_ci = self.margin_bounds(x, y, eps, "CROWN-IBP")
+            lb_ci = self.margin_bounds(x, y, eps, "CROWN-IBP", keep_intermediate=keep_intermediate and beta >= 1)
             if beta >= 1:
                 return lb_ci
-            return beta * lb_ci + (1 - beta) * self.margin_bounds(x, y, eps, "IBP")
-        return self.margin_bounds(x, y, eps, "IBP")
+            # CROWN-IBP's intermediate bounds are IBP's: keep those of the IBP call
+            return beta * lb_ci + (1 - beta) * self.margin_bounds(x, y, eps, "IBP", keep_intermediate)
+        return self.margin_bounds(x, y, eps, "IBP", keep_intermediate)
+
+    def adversarial(self, x: Tensor, y: Tensor, eps: float) -> Tensor:
+        """The method's attack (``self.attack``) on x in the ε-ball within [0, 1], BN statistics untouched."""
+        if self.attack is None:
+            raise RuntimeError(f"method {self.method!r} has no attack")
+        with frozen_bn_stats(self.net):
+            return self.attack.run(self.net, x, y, eps, norm=self.norm)
+
+    def sabr_bounds(self, x: Tensor, y: Tensor, eps: float, x_adv: Tensor, keep_intermediate: bool = False) -> Tensor:
+        """IBP margin lower bounds over SABR's small box (:func:`sabr_box`) around ``x_adv``."""
+        centre, radius, lo, hi = sabr_box(x, x_adv, eps, self.lambda_ratio)
+        ptb = PerturbationLpNorm(norm=math.inf, eps=radius, x_L=lo, x_U=hi)
+        return self.margin_bounds(centre, y, eps, "IBP", keep_intermediate, perturbation=ptb)
+
+    def adversarial_ce(self, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean CE, accuracy) of the model at the adversarial points (BN statistics untouched)."""
+        with frozen_bn_stats(self.net):
+            logits = self.net(x_adv)
+        return F.cross_entropy(logits, y), (logits.argmax(1) == y).float().mean()
+
+    def robust_loss(self, x: Tensor, y: Tensor, eps: float, beta: float, nat: Tensor, keep_intermediate: bool = False,
+                    lb_ibp: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor], bool]:
+        """The method's robust loss at ε (> 0) and what to log (keys without prefix); the bool says
+        whether intermediate bounds were kept (``keep_intermediate``).  ``lb_ibp``: IBP margin bounds
+        over the ε-ball already computed (validation reuses them)."""
+        m, log = self.method, {}
+        if m == "natural":
+            return nat, log, False
+        if m == "crown_ibp" and self.loss_fusion and beta > 0:
+            # Both terms are upper bounds of the worst-case loss, so is their mix.
+            rob = beta * self.fused_loss_bound(x, y, eps).mean()
+            if beta < 1:
+                lb = self.margin_bounds(x, y, eps, "IBP", keep_intermediate) if lb_ibp is None else lb_ibp
+                rob = rob + (1 - beta) * robust_ce(lb)
+                log["verified_acc_ibp"] = verified(lb).float().mean()
+                return rob, log, keep_intermediate and lb_ibp is None
+            return rob, log, False
+        if m == "crown_ibp":
+            if beta == 0 and lb_ibp is not None:
+                lb = lb_ibp
+            else:
+                lb = self.training_bound(x, y, eps, beta, keep_intermediate)
+            log["verified_acc"] = verified(lb).float().mean()
+            return robust_ce(lb), log, keep_intermediate and (lb_ibp is None or beta > 0)
+        if m in ("ibp", "fast_ibp", "mtl_ibp"):
+            lb = self.margin_bounds(x, y, eps, "IBP", keep_intermediate) if lb_ibp is None else lb_ibp
+            ibp_loss = robust_ce(lb)
+            log["verified_acc"] = verified(lb).float().mean()
+            if m != "mtl_ibp":
+                return ibp_loss, log, keep_intermediate and lb_ibp is None
+            # De Palma et al. 2024, Eq. (4): α·L_IBP + (1 - α)·L_adv
+            adv_loss, adv_acc = self.adversarial_ce(self.adversarial(x, y, eps), y)
+            log.update(ibp_loss=ibp_loss, adv_loss=adv_loss, adv_acc=adv_acc)
+            return self.alpha * ibp_loss + (1 - self.alpha) * adv_loss, log, keep_intermediate and lb_ibp is None
+        x_adv = self.adversarial(x, y, eps)
+        if m == "pgd":
+            adv_loss, adv_acc = self.adversarial_ce(x_adv, y)
+            log.update(adv_loss=adv_loss, adv_acc=adv_acc)
+            return adv_loss, log, False
+        # sabr: IBP over the small box around the adversarial point (Müller et al. 2023, Eq. (3))
+        lb = self.sabr_bounds(x, y, eps, x_adv, keep_intermediate)
+        log["small_box_acc"] = verified(lb).float().mean()
+        return robust_ce(lb), log, keep_intermediate
+
+    def regularizer(self, x: Tensor, y: Tensor, eps: float, have_intermediate: bool) -> tuple[Tensor | None, dict]:
+        """Weighted warm-up regularizers of Shi et al. 2021 at ε (None once their weight is 0).
+
+        They read the bounds of the method's own bound computation when kept, else IBP bounds over
+        the max(ε, reg_min_eps)-ball around x (during the ε = 0 epochs, as the authors' code)."""
+        if self.reg_lambda <= 0:
+            return None, {}
+        w = warmup_weight(self.reg_lambda, eps, self.eps)
+        log: dict[str, Any] = {"reg_weight": w}
+        if w <= 0:
+            return None, log
+        if not have_intermediate:
+            self.margin_bounds(x, y, max(eps, self.reg_min_eps), "IBP", keep_intermediate=True)
+        inputs, pre = self.intermediate_bounds()
+        terms = warmup_regularizer(inputs, pre, self.reg_tau, self.reg_terms)
+        log.update({f"reg_{k}": v for k, v in terms.items() if k != "total"})
+        return w * terms["total"], log
+
+    def l1_norm(self) -> Tensor:
+        """Σ |W| over the Linear / Conv weights (the L1 term of Müller et al. 2023 / De Palma et al. 2024)."""
+        weights = [m.weight for m in self.net.modules()
+                   if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        return torch.stack([w.abs().sum() for w in weights]).sum()
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         eps, kappa, beta = self.scheduled()
-        # The engine's forward keeps its node values, so the first bound below reuses this pass.
-        fused = self.loss_fusion and self.method == "crown_ibp"
-        logits = self.bounded(x)(x) if self.method != "natural" and eps > 0 and not fused else self.net(x)
+        m = self.method
+        fused = self.loss_fusion and m == "crown_ibp"
+        reg_on = self.reg_lambda > 0 and warmup_weight(self.reg_lambda, eps, self.eps) > 0
+        # The engine's forward keeps its node values, so a following bound around x reuses this pass.
+        around_x = m in ("ibp", "fast_ibp", "mtl_ibp") or (m == "crown_ibp" and not fused)
+        engine = m in BOUND_METHODS and ((eps > 0 and around_x) or (eps == 0 and reg_on))
+        logits = self.bounded(x)(x) if engine else self.net(x)
         nat = F.cross_entropy(logits, y)
-        log = {"train/nat_loss": nat, "train/acc": (logits.argmax(1) == y).float().mean(),
-               "train/eps": eps, "train/kappa": kappa}
-        if self.method == "natural":
+        log: dict[str, Any] = {"nat_loss": nat, "acc": (logits.argmax(1) == y).float().mean(), "eps": eps,
+                               "kappa": kappa}
+        kept = False
+        if m == "natural":
             loss = nat
         else:
-            if eps > 0 and self.loss_fusion and self.method == "crown_ibp" and beta > 0:
-                # Both terms are upper bounds of the worst-case loss, so is their mix.
-                rob = beta * self.fused_loss_bound(x, y, eps).mean()
-                if beta < 1:
-                    lb = self.margin_bounds(x, y, eps, "IBP")
-                    rob = rob + (1 - beta) * robust_ce(lb)
-                    log["train/verified_acc_ibp"] = verified(lb).float().mean()
-            elif eps > 0:
-                lb = self.training_bound(x, y, eps, beta)
-                rob = robust_ce(lb)
-                log["train/verified_acc"] = verified(lb).float().mean()
-            else:  # at ε = 0 the robust CE is exactly the clean CE
+            if eps > 0:
+                rob, extra, kept = self.robust_loss(x, y, eps, beta, nat, keep_intermediate=reg_on)
+                log.update(extra)
+            else:  # at ε = 0 every robust loss is the clean CE
                 rob = nat
             loss = kappa * nat + (1 - kappa) * rob
-            log["train/robust_loss"] = rob
-            if self.method == "crown_ibp":
-                log["train/beta"] = beta
-        log["train/loss"] = loss
-        self.log_dict(log, on_step=True, on_epoch=False, prog_bar=False, batch_size=len(y))
+            log["robust_loss"] = rob
+            if m == "crown_ibp":
+                log["beta"] = beta
+        reg, reg_log = self.regularizer(x, y, eps, kept)
+        log.update(reg_log)
+        if reg is not None:
+            loss = loss + reg
+            log["reg_loss"] = reg
+        if self.l1 > 0:
+            l1 = self.l1 * self.l1_norm()
+            loss = loss + l1
+            log["l1_loss"] = l1
+        log["loss"] = loss
+        self.log_dict({f"train/{k}": v for k, v in log.items()}, on_step=True, on_epoch=False, prog_bar=False,
+                      batch_size=len(y))
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=len(y))
         return loss
 
@@ -291,20 +564,26 @@ class CertifiedModule(pl.LightningModule):
         logits = self.bounded(x)(x) if eps > 0 else self.net(x)
         clean = logits.argmax(1) == y
         nat = F.cross_entropy(logits, y)
+        extra: dict[str, Tensor] = {}
         if eps > 0:
             lb_cur = self.margin_bounds(x, y, eps, "IBP")
-            lb_train = lb_cur if self.method != "crown_ibp" or beta == 0 else self.training_bound(x, y, eps, beta)
-            rob = robust_ce(lb_train)
+            rob, extra, _ = self.robust_loss(x, y, eps, beta, nat, lb_ibp=lb_cur)
+            extra.pop("verified_acc", None)  # = val/verified_acc below
         else:
             lb_cur, rob = None, nat
         ver_cur = verified(lb_cur) if lb_cur is not None else clean
-        ver_tgt = verified(self.margin_bounds(x, y, self.eval_eps, "IBP")) if self.eval_eps > 0 else clean
+        ver_tgt = clean.clone()
+        if self.eval_eps > 0:
+            ver_tgt = torch.zeros_like(clean)
+            for b in self.val_bounds:
+                ver_tgt |= verified(self.margin_bounds(x, y, self.eval_eps, b))
         pgd = pgd_accuracy(self.net, x, y, self.eval_eps, norm=self.norm, steps=self.val_pgd_steps,
                            step_size=self.pgd_step_size, restarts=1) & clean
         f = lambda t: t.float().mean()  # noqa: E731
         self.log_dict({
             "val/clean_acc": f(clean), "val/verified_acc": f(ver_cur), "val/verified_acc_target": f(ver_tgt),
             "val/pgd_acc": f(pgd), "val/nat_loss": nat, "val/robust_loss": rob,
+            **{f"val/{k}": v for k, v in extra.items()},
         }, on_epoch=True, batch_size=len(y), sync_dist=True)
         self.log_dict({"val/eps": eps, "val/eps_reached": float(self.eps_reached())},
                       on_epoch=True, batch_size=len(y), sync_dist=True)
@@ -366,18 +645,20 @@ def module_from_config(cfg: Any, model: nn.Module | None = None) -> CertifiedMod
         config = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # e.g. ${hydra:...} outside a Hydra run
         config = OmegaConf.to_container(cfg, resolve=False)
+    method = OmegaConf.to_container(m, resolve=True)
+    options = {k: method[k] for k in METHOD_OPTIONS if method.get(k) is not None}
+    options.setdefault("kappa_start", 1.0)  # a method config without κ keeps the clean loss (as before)
+    options.setdefault("kappa_end", 1.0)
     return CertifiedModule(
         model=model, mean=dm_cls.mean, std=dm_cls.std, num_classes=cfg.dataset.num_classes,
         method=m.name, norm=p.norm, eps=p.eps, eval_eps=p.get("eval_eps"),
         schedule=OmegaConf.to_container(s, resolve=True),
-        kappa_start=m.get("kappa_start", 1.0), kappa_end=m.get("kappa_end", 1.0),
-        beta_start=m.get("beta_start", 1.0), beta_end=m.get("beta_end", 0.0),
         lr=o.lr, weight_decay=o.get("weight_decay", 0.0), milestones=list(o.get("milestones") or []),
         gamma=o.get("gamma", 0.1), val_pgd_steps=e.get("val_pgd_steps", 5), pgd_steps=e.get("pgd_steps", 20),
         pgd_restarts=e.get("pgd_restarts", 1), pgd_step_size=e.get("pgd_step_size"),
         test_crown=e.get("crown", "auto"), crown_max_neurons=e.get("crown_max_neurons", 10_000),
         bound_opts=OmegaConf.to_container(e.bound_opts, resolve=True) if e.get("bound_opts") else None,
-        config=config, loss_fusion=bool(m.get("loss_fusion", False)),
+        val_bounds=list(e.get("val_bounds") or ["IBP"]), config=config, **options,
     )
 
 

@@ -162,7 +162,7 @@ def test_bad_config_fails_fast(tmp_path):
     with pytest.raises(FileNotFoundError):
         train.check_config(compose_cfg(tmp_path, [f"ckpt_path={tmp_path}/nope.ckpt"]))
     with pytest.raises(ValueError, match="unknown method"):
-        CertifiedModule(torch.nn.Linear(4, 2), (0.5,), (0.5,), 2, method="pgd")
+        CertifiedModule(torch.nn.Linear(4, 2), (0.5,), (0.5,), 2, method="nope")
     with pytest.raises(Exception, match="model/nonexistent"):
         compose_cfg(tmp_path, ["model=nonexistent"])
 
