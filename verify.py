@@ -1,14 +1,18 @@
-"""Verify a checkpoint on its test split: clean, PGD and verified accuracy (cascade and per method).
+"""Verify a checkpoint on its test split: clean, PGD and verified accuracy (cascade and per method), against ε.
 
     python verify.py ckpt=outputs/<date>/<time>/checkpoints/last.ckpt
     python verify.py ckpt=PATH eps=0.2 methods=[IBP,CROWN] subset=1000 batch_size=200 device=cuda
-    python verify.py -m ckpt=PATH eps=0.05,0.1,0.2          # one output folder per ε
+    python verify.py ckpt=PATH eps=[0.05,0.1,0.2,0.3]           # the full cascade at each ε
+    python verify.py ckpt=PATH method_batch_size.alpha-CROWN=16 max_samples.alpha-CROWN=500
 
-Rebuilds model and data from the checkpoint alone (its ``certtrain_config``), prints a markdown
-summary and writes ``summary.md``, ``summary.json`` and ``samples.csv`` (one row per test image)
-into ``out=`` (default ``outputs/verify/<date>/<time>``).  Bad input (no such checkpoint, an
-unreadable one, one without certtrain_config, eps < 0, an unknown method ...) prints one line and
-exits with code 2 before any long work.  The logic lives in :mod:`certtrain.verification`.
+Rebuilds model and data from the checkpoint alone (its ``certtrain_config``).  At each ``eps`` it
+runs the full cascade (default IBP → CROWN-IBP → CROWN → α-CROWN); at the extra ε of the accuracy
+curve (``curve.eps``, by default 0, ¼ ... 1½ × eps) only the cheap first stages (``curve.methods``).
+It prints a table per ε and a combined one, and writes ``summary.md``, ``summary.json``,
+``samples.csv`` (one row per ε and test image) and ``accuracy_vs_eps.png`` into ``out=`` (default
+``outputs/verify/<date>/<time>``).  Bad input (no such checkpoint, an unreadable one, one without
+certtrain_config, a bad ε list, an unknown method, a bad limit ...) prints one line and exits with
+code 2 before any long work.  The logic lives in :mod:`certtrain.verification`.
 """
 
 from __future__ import annotations
@@ -18,36 +22,129 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+#: curve.eps=auto with a single eps: these multiples of it
+AUTO_CURVE = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+PLOT_NAME = "accuracy_vs_eps.png"
 
 
 def _pick(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def prepare(cfg: DictConfig) -> dict[str, Any]:
-    """Check the arguments and load checkpoint, model and data; ValueError / FileNotFoundError on bad input."""
-    from certtrain.module import _check_eps, parse_norm
-    from certtrain.verification import load_for_verification, make_perturbation, parse_methods, resolve_device
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def eps_list(name: str, value: Any) -> list[float] | None:
+    """A number or a list of numbers → the distinct ε, ascending; None stays None.  ValueError otherwise."""
+    from certtrain.module import _check_eps
+
+    value = _plain(value)
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError(f"{name} is an empty list; give one ε (e.g. {name}=0.1) or several ({name}=[0.05,0.1])")
+    out: list[float] = []
+    for v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"{name} must be a number or a list of numbers, got {v!r} in {value!r}")
+        e = _check_eps(name, v)
+        if any(math.isclose(e, o, rel_tol=1e-9, abs_tol=1e-12) for o in out):
+            raise ValueError(f"{name} lists {v:g} more than once")
+        out.append(e)
+    return sorted(out)
+
+
+def _int_option(key: str, v: Any, low: int) -> None:
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+        raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
+
+
+def curve_methods(spec: Any, methods: list[str]) -> list[str]:
+    """``auto``: the leading cheap stages of ``methods`` (at least the first); ``all``; or a prefix of ``methods``."""
+    from certtrain.verification import CHEAP_METHODS, parse_methods
+
+    spec = _plain(spec)
+    if spec is None or str(spec).lower() == "auto":
+        k = 0
+        while k < len(methods) and methods[k] in CHEAP_METHODS:
+            k += 1
+        return methods[:max(k, 1)]
+    if str(spec).lower() == "all":
+        return list(methods)
+    cm = parse_methods(spec if isinstance(spec, (list, str)) else [spec])
+    if methods[:len(cm)] != cm:
+        raise ValueError(f"curve.methods {cm} must be the first stages of methods {methods} (the curve's cascade "
+                         f"is the main one cut short), e.g. curve.methods=[{methods[0]}], auto or all")
+    return cm
+
+
+def check_options(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that needs no checkpoint: methods, ε lists, limits, α-CROWN options; ValueError on bad input."""
+    from certtrain.module import parse_norm
+    from certtrain.verification import (
+        check_engine_supports, parse_alpha_crown_options, parse_method_options, parse_methods)
 
     if not cfg.get("ckpt"):
         raise ValueError("no checkpoint given: python verify.py ckpt=PATH")
     methods = cfg.methods if cfg.methods is not None else []
     methods = parse_methods(list(methods) if isinstance(methods, (list, ListConfig)) else str(methods))
-    if cfg.eps is not None:
-        _check_eps("eps", cfg.eps)
+    eps = eps_list("eps", cfg.eps)
     if cfg.norm is not None:
         parse_norm(cfg.norm)
     for key, low in (("pgd_steps", 0), ("pgd_restarts", 1), ("batch_size", 1), ("subset", 1)):
-        v = cfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise ValueError(f"{key} must be an integer >= {low}, got {v!r}")
+        _int_option(key, cfg.get(key), low)
+    alone = _plain(cfg.alone)
+    if not isinstance(alone, bool):
+        alone_m = parse_methods(alone) if alone not in (None, [], "") else []
+        extra = [m for m in alone_m if m not in methods]
+        if extra:
+            raise ValueError(f"alone lists {', '.join(extra)}, which is not among the methods ({', '.join(methods)})")
+        alone = alone_m
+    limits = {
+        "method_batch_size": parse_method_options("method_batch_size", _plain(cfg.get("method_batch_size")),
+                                                  integer=True, minimum=1, methods=methods),
+        "max_samples": parse_method_options("max_samples", _plain(cfg.get("max_samples")), integer=True,
+                                            minimum=0, methods=methods),
+        "time_limit": parse_method_options("time_limit", _plain(cfg.get("time_limit")), integer=False,
+                                           minimum=0, methods=methods),
+    }
+    alpha = parse_alpha_crown_options(_plain(cfg.get("alpha_crown")))
+    curve = _plain(cfg.get("curve"))
+    if curve is None or curve is False:
+        curve = {"eps": None}
+    if not isinstance(curve, Mapping):
+        raise ValueError(f"curve must be a mapping (eps, methods, pgd_steps, pgd_restarts) or false, got {curve!r}")
+    unknown = set(curve) - {"eps", "methods", "pgd_steps", "pgd_restarts"}
+    if unknown:
+        raise ValueError(f"unknown curve option(s) {', '.join(sorted(unknown))}; available: eps, methods, "
+                         "pgd_steps, pgd_restarts")
+    c_eps = curve.get("eps")
+    c_eps = "auto" if isinstance(c_eps, str) and c_eps.lower() == "auto" else (
+        [] if c_eps in (None, False, []) else eps_list("curve.eps", c_eps))
+    c_methods = curve_methods(curve.get("methods"), methods)
+    _int_option("curve.pgd_steps", curve.get("pgd_steps"), 0)
+    _int_option("curve.pgd_restarts", curve.get("pgd_restarts"), 1)
+    check_engine_supports(methods, alpha)
+    return {"methods": methods, "eps": eps, "alone": alone, "limits": limits, "alpha_crown": alpha,
+            "curve_eps": c_eps, "curve_methods": c_methods,
+            "curve_pgd": (curve.get("pgd_steps"), curve.get("pgd_restarts"))}
+
+
+def prepare(cfg: DictConfig) -> dict[str, Any]:
+    """Check the arguments and load checkpoint, model and data; ValueError / FileNotFoundError on bad input."""
+    from certtrain.verification import load_for_verification, make_perturbation, resolve_device
+
+    opts = check_options(cfg)
     device = resolve_device(cfg.device)
     if cfg.get("torch_threads"):
         import torch
@@ -56,15 +153,34 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     module, datamodule, config = load_for_verification(cfg.ckpt, subset=cfg.subset, batch_size=cfg.batch_size,
                                                        data_dir=cfg.data_dir)
     p, e = config.get("perturbation", {}), config.get("eval", {})
-    eps = cfg.eps if cfg.eps is not None else _pick(p.get("eval_eps"), p.get("eps"))
+    eps = opts["eps"]
     if eps is None:
-        raise ValueError("the checkpoint has no perturbation.eps: give eps=")
-    perturbation = make_perturbation(float(eps), _pick(cfg.norm, p.get("norm", "inf")))
-    return {"module": module, "datamodule": datamodule, "config": config, "methods": methods, "device": device,
-            "perturbation": perturbation,
-            "pgd_steps": int(_pick(cfg.pgd_steps, e.get("pgd_steps", 20))),
-            "pgd_restarts": int(_pick(cfg.pgd_restarts, e.get("pgd_restarts", 1))),
-            "pgd_step_size": _pick(cfg.pgd_step_size, e.get("pgd_step_size"))}
+        default = _pick(p.get("eval_eps"), p.get("eps"))
+        if default is None:
+            raise ValueError("the checkpoint has no perturbation.eps: give eps=")
+        eps = eps_list("eps (the checkpoint's perturbation.eval_eps / eps)", default)
+    norm = _pick(cfg.norm, p.get("norm", "inf"))
+    make_perturbation(eps[0], norm)  # checks the norm
+    pgd_steps = int(_pick(cfg.pgd_steps, e.get("pgd_steps", 20)))
+    pgd_restarts = int(_pick(cfg.pgd_restarts, e.get("pgd_restarts", 1)))
+    c_eps = opts["curve_eps"]
+    if c_eps == "auto":  # multiples of the one ε asked for; an ε list is its own curve
+        c_eps = [round(eps[0] * f, 12) for f in AUTO_CURVE] if len(eps) == 1 else []
+    c_eps = [c for c in c_eps if not any(math.isclose(c, f, rel_tol=1e-9, abs_tol=1e-12) for f in eps)]
+    c_steps, c_restarts = opts["curve_pgd"]
+    alone, cm = opts["alone"], opts["curve_methods"]
+    curve_alone = [m for m in cm if alone is True or (alone and m in alone)]
+    points = [{"eps": x, "methods": opts["methods"], "alone": alone, "pgd_steps": pgd_steps,
+               "pgd_restarts": pgd_restarts, "kind": "full"} for x in eps]
+    points += [{"eps": x, "methods": cm, "alone": curve_alone, "pgd_steps": int(_pick(c_steps, pgd_steps)),
+                "pgd_restarts": int(_pick(c_restarts, pgd_restarts)), "kind": "curve"} for x in c_eps]
+    points.sort(key=lambda q: q["eps"])
+    return {"module": module, "datamodule": datamodule, "config": config, "methods": opts["methods"],
+            "curve_methods": cm, "device": device, "norm": norm, "points": points, "limits": opts["limits"],
+            "alpha_crown": opts["alpha_crown"], "perturbation": make_perturbation(eps[0], norm),
+            "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
+            "pgd_step_size": _pick(cfg.pgd_step_size, e.get("pgd_step_size")),
+            "trained_eps": p.get("eps")}
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -82,35 +198,82 @@ def output_dir(cfg: DictConfig) -> Path:
 
 
 def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Verify as configured, print the summary, write the outputs; returns the result and the paths."""
-    from certtrain.verification import verify_dataset
+    """Verify at every ε as configured, print the tables, write the outputs; returns the results and the paths."""
+    from certtrain.verification import (
+        accuracy_curve, eps_table, make_perturbation, verify_dataset, write_samples_csv)
 
     prepared = prepare(cfg) if prepared is None else prepared
     module, dm, config = prepared["module"], prepared["datamodule"], prepared["config"]
-    ptb = prepared["perturbation"]
     loader = dm.test_dataloader()
+    limits = prepared["limits"]
     t0 = time.perf_counter()
-    res = verify_dataset(module.net, loader, ptb, prepared["methods"], num_classes=module.num_classes,
-                         pgd_steps=prepared["pgd_steps"], pgd_restarts=prepared["pgd_restarts"],
-                         pgd_step_size=prepared["pgd_step_size"], alone=bool(cfg.alone), device=prepared["device"],
-                         bound_opts=module.bound_opts, seed=cfg.seed, progress=bool(cfg.progress))
+    results, kinds = [], []
+    for pt in prepared["points"]:
+        ms = pt["methods"]
+        lim = {k: {m: v for m, v in d.items() if m in ms} for k, d in limits.items()}
+        res = verify_dataset(module.net, loader, make_perturbation(pt["eps"], prepared["norm"]), ms,
+                             num_classes=module.num_classes, pgd_steps=pt["pgd_steps"],
+                             pgd_restarts=pt["pgd_restarts"], pgd_step_size=prepared["pgd_step_size"],
+                             alone=pt["alone"], device=prepared["device"], bound_opts=module.bound_opts,
+                             optimize_bound_args=prepared["alpha_crown"], seed=cfg.seed,
+                             progress=bool(cfg.progress), desc=f"ε={pt['eps']:g}", **lim)
+        results.append(res)
+        kinds.append(pt["kind"])
     total = time.perf_counter() - t0
-    norm = "L∞" if ptb.norm == math.inf else f"L{int(ptb.norm)}"
+
+    first = results[0]
+    norm = "L∞" if first.norm == math.inf else f"L{int(first.norm)}"
     ds = config["dataset"]["_target_"].rsplit(".", 1)[-1]
+    ds_short = ds.removesuffix("DataModule") or ds
     model = config["model"]["_target_"].rsplit(".", 1)[-1]
-    title = (f"Verification of {cfg.ckpt}\n\nTest set ({res.n} images), {norm} ε = {res.eps:.4g}, {ds} / {model} / "
-             f"{config.get('method', {}).get('name', '?')}, device {res.info['device']}")
-    text = res.to_markdown(title) + f"\n\ntotal: {total:.1f} s"
+    method = config.get("method", {}).get("name", "?")
+    trained = prepared.get("trained_eps")
+    trained_txt = f" (trained at ε = {trained:g})" if isinstance(trained, (int, float)) else ""
+    title = (f"Verification of {cfg.ckpt}\n\nTest set ({first.n} images), {norm}, {ds} / {model} / {method}"
+             f"{trained_txt}, device {first.info['device']}")
+    cm = prepared["curve_methods"]
+    curve = accuracy_curve(results, cm)
+    blocks = [title]
+    if len(results) > 1:
+        blocks.append("Accuracy against ε (verified: the cascade at that ε; the full one at "
+                      + ", ".join(f"{r.eps:g}" for r, k in zip(results, kinds) if k == "full")
+                      + f", {' → '.join(cm)} elsewhere)\n\n" + eps_table(results, trained))
+    details = [f"### ε = {r.eps:.4g}{' (curve point)' if k == 'curve' else ''}\n\n{r.to_markdown()}"
+               for r, k in zip(results, kinds)]
+    full_details = [d for d, k in zip(details, kinds) if k == "full"]
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    csv_path = res.write_csv(out / "samples.csv")
+    csv_path = write_samples_csv(results, out / "samples.csv")
+    png = None
+    if len(results) > 1 and cfg.get("plot", True):
+        from certtrain.plots import plot_accuracy_vs_eps
+
+        png = plot_accuracy_vs_eps(
+            curve, out / PLOT_NAME, curve_methods=cm, trained_eps=trained if isinstance(trained, (int, float)) else None,
+            norm=first.norm, title=f"{model} on {ds_short} ({first.n} test images), trained with {method}"
+                                   + (f" at ε = {trained:g}" if trained_txt else "")
+                                   + f"\n{norm}; full cascade: {' → '.join(prepared['methods'])}")
+    text = "\n\n".join(blocks + details) + f"\n\ntotal: {total:.1f} s"
     (out / "summary.md").write_text(text + "\n")
-    summary = {**res.summary(), "ckpt": str(cfg.ckpt), "total_seconds": total}
+    summary = {"ckpt": str(cfg.ckpt), "total_seconds": total, "trained_eps": trained,
+               "norm": "inf" if first.norm == math.inf else first.norm,
+               "methods": prepared["methods"], "curve_methods": cm,
+               "eps": [r.eps for r, k in zip(results, kinds) if k == "full"],
+               "curve_eps": [r.eps for r, k in zip(results, kinds) if k == "curve"],
+               "plot": png.name if png else None, "curve": curve,
+               "points": [{**r.summary(), "kind": k} for r, k in zip(results, kinds)]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("\n" + text + f"\n\noutput: {out} (samples.csv, summary.md, summary.json)")
-    if any(res.unsound().values()):
-        print(f"WARNING: verified samples broken by PGD: {res.unsound()}", file=sys.stderr)
-    return {"result": res, "summary": summary, "out": out, "csv": csv_path, "text": text}
+    files = ", ".join(["samples.csv", "summary.md", "summary.json"] + ([png.name] if png else []))
+    shown = "\n\n".join(blocks + full_details)
+    print("\n" + shown + f"\n\ntotal: {total:.1f} s\n\noutput: {out} ({files})"
+          + (f"\nplot: {png}" if png else "") + ("\ncurve points' details: summary.md" if len(details) > len(full_details)
+                                                 else ""))
+    bad = {r.eps: r.unsound() for r in results if any(r.unsound().values())}
+    if bad:
+        print(f"WARNING: verified samples broken by PGD: {bad}", file=sys.stderr)
+    main = results[kinds.index("full")]
+    return {"result": main, "results": results, "summary": summary, "out": out, "csv": csv_path, "text": text,
+            "png": png}
 
 
 @hydra.main(config_path=CONF_DIR, config_name="verify", version_base="1.3")

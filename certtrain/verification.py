@@ -1,7 +1,8 @@
 """Verification of a trained classifier on a dataset: clean accuracy, PGD accuracy and verified accuracy.
 
     from certtrain.verification import make_perturbation, verify_dataset
-    res = verify_dataset(model, loader, make_perturbation(0.1), methods=["IBP", "CROWN-IBP", "CROWN"])
+    res = verify_dataset(model, loader, make_perturbation(0.1),
+                         methods=["IBP", "CROWN-IBP", "CROWN", "alpha-CROWN"])
     print(res.to_markdown())
     res.write_csv("samples.csv")
 
@@ -18,13 +19,25 @@ Per sample:
   first method whose lower bounds of all margins z_y - z_j are > 0.  Only samples that are
   clean-correct, PGD-robust (a PGD-broken sample cannot be verified) and not verified yet go on to
   the next, more expensive method.  Verified accuracy is a *lower* bound of the robust accuracy;
-* each method **alone** (``alone=True``): the method on every clean-correct sample (a misclassified
+* ``status``: ``verified`` | ``not verified`` (every stage ran, none proved it) | ``not attempted``
+  (a stage limit skipped it and no other stage proved it: undecided, never counted as verified) |
+  ``PGD-broken`` | ``misclassified``;
+* each method **alone** (``alone``): the method on every clean-correct sample (a misclassified
   sample cannot be verified: a sound lower bound of its margin is < 0), for comparison and timing;
 * ``margin_lb[m]``: min over j of the lower bound of z_y - z_j by method m (> 0: verified), NaN
-  where m did not run on the sample;
+  where m did not run on the sample (the cascade's value where both the cascade and alone ran);
 * ``seconds``: the sample's share of the cascade's time (clean pass, attack, each stage it entered).
 
-Bounds are computed under ``torch.no_grad()`` with the model in eval mode.
+Cost control for the expensive stages (CROWN, α-CROWN), per method: ``method_batch_size`` splits
+what the method sees into sub-batches (memory; the bounds are per sample, so verdicts do not
+change); ``max_samples`` / ``time_limit`` (seconds) cap a stage per call, counted over the whole
+loader in its order and checked before each sub-batch (so a stage may overrun its time by one
+sub-batch).  The samples a capped stage skips go on to the next stage; those that no stage
+verifies are ``not attempted``.  The same caps apply, separately, to each method's alone run.
+
+Bounds are computed under ``torch.no_grad()`` with the model in eval mode.  α-CROWN (Xu et al.
+2021, "Fast and complete", §3.1: CROWN with the lower slopes α of unstable ReLUs optimised by
+gradient ascent on the bound) runs its own gradient steps inside the engine.
 """
 
 from __future__ import annotations
@@ -45,17 +58,28 @@ from .attacks import pgd_accuracy
 from .bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
 from .losses import margin_spec
 
-__all__ = ["METHODS", "VerificationResult", "canonical_method", "load_for_verification", "make_perturbation",
-           "margin_lower_bounds", "parse_methods", "resolve_device", "verify_dataset"]
+__all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "VerificationResult", "accuracy_curve",
+           "canonical_method", "check_engine_supports", "eps_table", "load_for_verification", "make_perturbation", "margin_lower_bounds",
+           "parse_alpha_crown_options", "parse_method_options", "parse_methods", "resolve_device", "verify_dataset",
+           "write_samples_csv"]
 
 #: the bound methods, cheapest first
-METHODS = ("IBP", "CROWN-IBP", "CROWN")
+METHODS = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
+#: methods cheap enough to run at every ε of a curve and alone on every sample
+CHEAP_METHODS = ("IBP", "CROWN-IBP")
 _ALIASES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown_ibp": "CROWN-IBP", "crownibp": "CROWN-IBP",
-            "ibp+backward": "CROWN-IBP", "crown": "CROWN", "backward": "CROWN"}
+            "ibp+backward": "CROWN-IBP", "crown": "CROWN", "backward": "CROWN",
+            "alpha-crown": "alpha-CROWN", "alpha_crown": "alpha-CROWN", "alphacrown": "alpha-CROWN",
+            "α-crown": "alpha-CROWN", "crown-optimized": "alpha-CROWN", "crown_optimized": "alpha-CROWN"}
+#: per-sample verdicts (``VerificationResult.status``)
+STATUSES = ("verified", "not verified", "not attempted", "PGD-broken", "misclassified")
+#: α-CROWN options (the engine's ``optimize_bound_args``) and what each must be
+ALPHA_CROWN_OPTIONS = {"iteration": "an integer >= 1", "lr_alpha": "a number > 0", "lr_decay": "a number in (0, 1]",
+                       "keep_best": "true or false", "optimize_intermediate": "true or false"}
 
 
 def canonical_method(name: Any) -> str:
-    """``ibp`` / ``crown_ibp`` / ``IBP+backward`` / ``backward`` ... → ``IBP`` | ``CROWN-IBP`` | ``CROWN``."""
+    """``ibp`` / ``crown_ibp`` / ``backward`` / ``alpha_crown`` ... → ``IBP`` | ``CROWN-IBP`` | ``CROWN`` | ``alpha-CROWN``."""
     key = str(name).strip().lower()
     if key not in _ALIASES:
         raise ValueError(f"unknown verification method {name!r}; available: {', '.join(METHODS)}")
@@ -71,6 +95,62 @@ def parse_methods(methods: str | Iterable[Any]) -> list[str]:
     dup = sorted({m for m in out if out.count(m) > 1})
     if dup:
         raise ValueError(f"methods lists {', '.join(dup)} more than once")
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def parse_method_options(name: str, values: Mapping[str, Any] | None, *, integer: bool, minimum: float,
+                         methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """``{method: value}`` (e.g. ``method_batch_size``) → canonical method names, None values dropped.
+
+    ValueError for a value that is not an integer (``integer``) / a finite number ``>= minimum``, a
+    method named twice, an unknown one, or (``methods`` given) one that is not among ``methods``.
+    """
+    if values is None:
+        return {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{name} must map methods to values, e.g. {name}={{CROWN:16}}, got {values!r}")
+    kind = "an integer" if integer else "a number"
+    out: dict[str, Any] = {}
+    for key, v in values.items():
+        try:
+            m = canonical_method(key)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        if v is None:
+            continue
+        if not _is_number(v) or (integer and not isinstance(v, int)) or v < minimum:
+            raise ValueError(f"{name}.{m} must be {kind} >= {minimum:g} (or null: no limit), got {v!r}")
+        if m in out:
+            raise ValueError(f"{name} sets {m} more than once")
+        if methods is not None and m not in methods:
+            raise ValueError(f"{name} sets {m}, which is not among the methods ({', '.join(methods)}); "
+                             f"add it to methods or drop it from {name}")
+        out[m] = int(v) if integer else float(v)
+    return out
+
+
+def parse_alpha_crown_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """α-CROWN options (:data:`ALPHA_CROWN_OPTIONS`, None values dropped) → ``optimize_bound_args``."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ValueError(f"alpha_crown must be a mapping of options ({', '.join(ALPHA_CROWN_OPTIONS)}), got {options!r}")
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if k not in ALPHA_CROWN_OPTIONS:
+            raise ValueError(f"unknown alpha_crown option {k!r}; available: {', '.join(ALPHA_CROWN_OPTIONS)}")
+        if v is None:
+            continue
+        ok = {"iteration": isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+              "lr_alpha": _is_number(v) and v > 0,
+              "lr_decay": _is_number(v) and 0 < v <= 1}.get(k, isinstance(v, bool))
+        if not ok:
+            raise ValueError(f"alpha_crown.{k} must be {ALPHA_CROWN_OPTIONS[k]}, got {v!r}")
+        out[k] = v
     return out
 
 
@@ -98,12 +178,53 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def margin_lower_bounds(bounded: BoundedModule, x: Tensor, y: Tensor, perturbation: PerturbationLpNorm,
-                        method: str, num_classes: int) -> Tensor:
-    """Lower bounds (B, K-1) of the margins z_y - z_j over the perturbation set around x (no autograd)."""
+                        method: str, num_classes: int,
+                        optimize_bound_args: Mapping[str, Any] | None = None) -> Tensor:
+    """Lower bounds (B, K-1) of the margins z_y - z_j over the perturbation set around x (no autograd).
+
+    ``method``: a name :func:`canonical_method` knows; ``optimize_bound_args``: α-CROWN's options.
+    """
+    method = canonical_method(method)
     C = margin_spec(y, num_classes).to(x.dtype)
+    kwargs: dict[str, Any] = {}
+    if method == "alpha-CROWN" and optimize_bound_args:
+        kwargs["optimize_bound_args"] = dict(optimize_bound_args)
     with torch.no_grad():
-        lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, perturbation),), method=method, C=C, bound_upper=False)
+        lb, _ = bounded.compute_bounds(x=(BoundedTensor(x, perturbation),), method=method, C=C, bound_upper=False,
+                                       **kwargs)
     return lb
+
+
+def check_engine_supports(methods: Sequence[str], optimize_bound_args: Mapping[str, Any] | None = None) -> None:
+    """ValueError if the bound engine lacks one of ``methods`` or rejects α-CROWN's options (tried on a tiny net).
+
+    Costs milliseconds and leaves the global RNG as it was; run it before any long work.
+    """
+    methods = parse_methods(methods)
+    with torch.random.fork_rng(devices=[]):
+        net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 2)).eval()
+    x, y = torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)
+    bounded = BoundedModule(net, x)
+    for m in methods:
+        args = {**dict(optimize_bound_args or {}), "iteration": 1} if m == "alpha-CROWN" else None
+        try:
+            margin_lower_bounds(bounded, x, y, make_perturbation(0.1), m, 2, args)
+        except NotImplementedError as e:
+            raise ValueError(f"the bound engine does not implement {m} yet ({e}); drop it from methods, "
+                             f"e.g. methods=[{','.join(k for k in methods if k != m)}]") from None
+        except (TypeError, ValueError) as e:
+            if m != "alpha-CROWN":
+                raise
+            raise ValueError(f"the bound engine rejects the alpha_crown options {dict(optimize_bound_args or {})}: "
+                             f"{e}") from None
+
+
+def _pct(count: int, n: int) -> str:
+    return f"{100 * count / max(n, 1):.2f}"
+
+
+def _sig(v: float) -> float:
+    return float(f"{v:.3g}")  # seconds, 3 significant digits
 
 
 @dataclass
@@ -128,6 +249,13 @@ class VerificationResult:
     cascade_in: dict[str, int]
     cascade_verified: dict[str, int]
     info: dict[str, Any] = field(default_factory=dict)
+    #: per sample, the cascade stages whose limit skipped it
+    skipped_by: list[tuple[str, ...]] = field(default_factory=list)
+    #: per alone method, the samples it ran on (the clean-correct ones its limits left)
+    alone_attempted: dict[str, Tensor] = field(default_factory=dict)
+    cascade_skipped: dict[str, int] = field(default_factory=dict)
+    #: the limits in force: {"method_batch_size": {...}, "max_samples": {...}, "time_limit": {...}}
+    limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -138,6 +266,34 @@ class VerificationResult:
         """Boolean (N,): verified by the cascade."""
         return torch.tensor([bool(v) for v in self.verified_by], dtype=torch.bool)
 
+    @property
+    def not_attempted(self) -> Tensor:
+        """Boolean (N,): PGD-robust, not verified, and skipped by a stage limit (undecided)."""
+        skipped = torch.tensor([bool(s) for s in self.skipped_by] if self.skipped_by else [False] * self.n,
+                               dtype=torch.bool)
+        return skipped & ~self.verified & self.pgd_robust
+
+    @property
+    def status(self) -> list[str]:
+        """Per sample, one of :data:`STATUSES`."""
+        na = self.not_attempted.tolist()
+        out = []
+        for i, (c, r, v) in enumerate(zip(self.clean_correct.tolist(), self.pgd_robust.tolist(), self.verified_by)):
+            out.append("misclassified" if not c else "PGD-broken" if not r else "verified" if v
+                       else "not attempted" if na[i] else "not verified")
+        return out
+
+    def verified_by_stages(self, methods: Sequence[str]) -> int | None:
+        """Samples verified by the first ``len(methods)`` stages, if ``methods`` is a prefix of the cascade.
+
+        That is what the shorter cascade over ``methods`` verifies (later stages never change what
+        earlier ones see); None if ``methods`` is not a prefix.
+        """
+        methods = list(methods)
+        if self.methods[:len(methods)] != methods:
+            return None
+        return sum(1 for b in self.verified_by if b in methods)
+
     def unsound(self) -> dict[str, int]:
         """Per method alone and for the cascade: verified samples that PGD broke (must all be 0)."""
         out = {m: int((v & ~self.pgd_robust).sum()) for m, v in self.alone_verified.items()}
@@ -147,68 +303,149 @@ class VerificationResult:
     def summary(self) -> dict[str, Any]:
         """Counts, accuracies (fractions) and seconds, JSON-serialisable."""
         n = max(self.n, 1)
+        status = self.status
         s: dict[str, Any] = {
             "n": self.n, "eps": self.eps, "norm": "inf" if self.norm == math.inf else self.norm,
             "methods": list(self.methods), "pgd_steps": self.pgd_steps, "pgd_restarts": self.pgd_restarts,
             "clean": int(self.clean_correct.sum()), "pgd": int(self.pgd_robust.sum()),
-            "verified": int(self.verified.sum()),
+            "verified": int(self.verified.sum()), "not_attempted": int(self.not_attempted.sum()),
             "verified_by": {m: sum(v == m for v in self.verified_by) for m in self.methods},
+            "status": {k: status.count(k) for k in STATUSES},
             "alone": {m: int(v.sum()) for m, v in self.alone_verified.items()},
+            "alone_attempted": {m: int(v.sum()) for m, v in self.alone_attempted.items()},
             "cascade_in": dict(self.cascade_in), "cascade_verified": dict(self.cascade_verified),
-            "time": dict(self.time), "unsound": self.unsound(), **self.info,
+            "cascade_skipped": dict(self.cascade_skipped), "limits": {k: dict(v) for k, v in self.limits.items()},
+            "time": dict(self.time), "seconds": sum(self.time.values()), "unsound": self.unsound(), **self.info,
         }
+        s["gap"] = s["pgd"] - s["verified"]
         s["clean_acc"], s["pgd_acc"], s["verified_acc"] = s["clean"] / n, s["pgd"] / n, s["verified"] / n
+        s["gap_acc"] = s["gap"] / n
         s["alone_acc"] = {m: c / n for m, c in s["alone"].items()}
         return s
+
+    def _pgd_label(self) -> str:
+        rs = "restart" if self.pgd_restarts == 1 else "restarts"
+        return f"PGD ({self.pgd_steps} steps, {self.pgd_restarts} {rs})"
 
     def to_markdown(self, title: str | None = None) -> str:
         """Two markdown tables: accuracies (with times) and the cascade's stages."""
         n = self.n
-        pct = lambda c: f"{100 * c / max(n, 1):.2f}"  # noqa: E731
-        t = {k: float(f"{v:.3g}") for k, v in self.time.items()}  # seconds, 3 significant digits
-        cascade_time = float(f"{sum(self.time.get(f'cascade:{m}', 0.0) for m in self.methods):.3g}")
-        rs = "restart" if self.pgd_restarts == 1 else "restarts"
+        t = {k: _sig(v) for k, v in self.time.items()}
+        cascade_time = _sig(sum(self.time.get(f"cascade:{m}", 0.0) for m in self.methods))
+        clean, pgd, ver = int(self.clean_correct.sum()), int(self.pgd_robust.sum()), int(self.verified.sum())
         lines = [title, ""] if title else []
         lines += ["| metric | accuracy (%) | count | time (s) |", "|---|---:|---:|---:|",
-                  f"| clean | {pct(int(self.clean_correct.sum()))} | {int(self.clean_correct.sum())}/{n} | "
-                  f"{t.get('clean', 0.0):g} |",
-                  f"| PGD ({self.pgd_steps} steps, {self.pgd_restarts} {rs}): upper bound | "
-                  f"{pct(int(self.pgd_robust.sum()))} | {int(self.pgd_robust.sum())}/{n} | {t.get('pgd', 0.0):g} |",
-                  f"| verified: cascade {' → '.join(self.methods)} | {pct(int(self.verified.sum()))} | "
-                  f"{int(self.verified.sum())}/{n} | {cascade_time:g} |"]
+                  f"| clean | {_pct(clean, n)} | {clean}/{n} | {t.get('clean', 0.0):g} |",
+                  f"| {self._pgd_label()}: upper bound | {_pct(pgd, n)} | {pgd}/{n} | {t.get('pgd', 0.0):g} |",
+                  f"| verified: cascade {' → '.join(self.methods)} | {_pct(ver, n)} | {ver}/{n} | {cascade_time:g} |",
+                  f"| gap: PGD − verified | {_pct(pgd - ver, n)} | {pgd - ver}/{n} | |"]
+        na = int(self.not_attempted.sum())
+        if na or any(self.cascade_skipped.values()):
+            lines.append(f"| not attempted (stage limits; not verified) | {_pct(na, n)} | {na}/{n} | |")
         for m, v in self.alone_verified.items():
-            lines.append(f"| verified: {m} alone | {pct(int(v.sum()))} | {int(v.sum())}/{n} | "
+            att = self.alone_attempted.get(m)
+            note = ""
+            if att is not None and int(att.sum()) < clean:
+                note = f" ({clean - int(att.sum())} not attempted)"
+            lines.append(f"| verified: {m} alone{note} | {_pct(int(v.sum()), n)} | {int(v.sum())}/{n} | "
                          f"{t.get(f'alone:{m}', 0.0):g} |")
         bad = self.unsound()
         if any(bad.values()):
             lines.append(f"| **verified but broken by PGD (unsound!)** | | {bad} | |")
-        lines += ["", "| cascade stage | method | samples in | verified | time (s) | ms / sample |",
-                  "|---:|---|---:|---:|---:|---:|"]
+        lines += ["", "| cascade stage | method | samples in | skipped (limit) | verified | time (s) | ms / sample |",
+                  "|---:|---|---:|---:|---:|---:|---:|"]
         for i, m in enumerate(self.methods, 1):
             k, sec = self.cascade_in.get(m, 0), t.get(f"cascade:{m}", 0.0)
-            lines.append(f"| {i} | {m} | {k} | {self.cascade_verified.get(m, 0)} | {sec:g} | "
-                         f"{1000 * sec / k if k else 0.0:.3g} |")
+            lines.append(f"| {i} | {m} | {k} | {self.cascade_skipped.get(m, 0)} | {self.cascade_verified.get(m, 0)} | "
+                         f"{sec:g} | {1000 * sec / k if k else 0.0:.3g} |")
+        active = {k: v for k, v in self.limits.items() if v}
+        if active:
+            lines += ["", "limits: " + "; ".join(f"{k} {v}" for k, v in active.items())]
         return "\n".join(lines)
 
     def csv_columns(self) -> list[str]:
-        return (["index", "label", "pred", "clean_correct", "pgd_robust", "verified_by"]
-                + [f"margin_lb_{m}" for m in self.methods] + ["seconds"])
+        return _csv_columns(self.methods)
 
     def write_csv(self, path: str | os.PathLike) -> Path:
         """One row per sample (empty margin cell: the method did not run on that sample)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(self.csv_columns())
-            for i in range(self.n):
+        return write_samples_csv([self], path)
+
+
+def _csv_columns(methods: Sequence[str]) -> list[str]:
+    return (["eps", "index", "label", "pred", "clean_correct", "pgd_robust", "status", "verified_by", "skipped_by"]
+            + [f"margin_lb_{m}" for m in methods] + ["seconds"])
+
+
+def write_samples_csv(results: Sequence[VerificationResult], path: str | os.PathLike) -> Path:
+    """One row per (ε, sample), ε in the given order: columns :meth:`VerificationResult.csv_columns`.
+
+    ``skipped_by``: the cascade stages whose limit skipped the sample (``;``-separated); an empty
+    margin cell: the method did not run on that sample at that ε.
+    """
+    methods: list[str] = []
+    for r in results:
+        methods += [m for m in r.methods if m not in methods]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(_csv_columns(methods))
+        for r in results:
+            status = r.status
+            for i in range(r.n):
                 lbs = []
-                for m in self.methods:
-                    v = float(self.margin_lb[m][i])
+                for m in methods:
+                    v = float(r.margin_lb[m][i]) if m in r.margin_lb else math.nan
                     lbs.append("" if math.isnan(v) else f"{v:.6g}")
-                w.writerow([int(self.index[i]), int(self.label[i]), int(self.pred[i]), int(self.clean_correct[i]),
-                            int(self.pgd_robust[i]), self.verified_by[i], *lbs, f"{float(self.seconds[i]):.6f}"])
-        return path
+                skipped = ";".join(r.skipped_by[i]) if r.skipped_by else ""
+                w.writerow([f"{r.eps:g}", int(r.index[i]), int(r.label[i]), int(r.pred[i]), int(r.clean_correct[i]),
+                            int(r.pgd_robust[i]), status[i], r.verified_by[i], skipped, *lbs,
+                            f"{float(r.seconds[i]):.6f}"])
+    return path
+
+
+def accuracy_curve(results: Sequence[VerificationResult], curve_methods: Sequence[str] | None = None
+                   ) -> list[dict[str, Any]]:
+    """One point per result, sorted by ε: accuracies (fractions) for a table or a plot.
+
+    ``verified_acc``: the result's own cascade; ``curve_acc``: the cascade over ``curve_methods``
+    (a prefix of every result's methods; None where it is not one); ``alone_acc``: per method alone.
+    """
+    out = []
+    for r in sorted(results, key=lambda r: r.eps):
+        n = max(r.n, 1)
+        c = r.verified_by_stages(curve_methods) if curve_methods else None
+        out.append({"eps": r.eps, "n": r.n, "methods": list(r.methods), "pgd_steps": r.pgd_steps,
+                    "pgd_restarts": r.pgd_restarts, "clean_acc": int(r.clean_correct.sum()) / n,
+                    "pgd_acc": int(r.pgd_robust.sum()) / n, "verified_acc": int(r.verified.sum()) / n,
+                    "curve_acc": None if c is None else c / n,
+                    "alone_acc": {m: int(v.sum()) / n for m, v in r.alone_verified.items()},
+                    "not_attempted": int(r.not_attempted.sum()), "seconds": sum(r.time.values())})
+    return out
+
+
+def eps_table(results: Sequence[VerificationResult], trained_eps: float | None = None) -> str:
+    """A markdown table, one row per ε: clean, PGD, each method alone, the cascade, the gap, time."""
+    pts = accuracy_curve(results)
+    alone = [m for m in METHODS if any(m in p["alone_acc"] for p in pts)]
+    na = any(p["not_attempted"] for p in pts)
+    head = (["ε", "clean (%)", "PGD (%)", "PGD steps × restarts"] + [f"{m} alone (%)" for m in alone]
+            + ["verified (%)", "cascade", "gap PGD − verified"] + (["not attempted"] if na else []) + ["time (s)"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:"] * 4 + ["---:"] * len(alone)
+                                                            + ["---:", "---", "---:"] + (["---:"] if na else [])
+                                                            + ["---:"]) + "|"]
+    for p in pts:
+        e = f"{p['eps']:.4g}" + (" (trained)" if trained_eps is not None and math.isclose(p["eps"], trained_eps)
+                                 else "")
+        cells = [e, f"{100 * p['clean_acc']:.2f}", f"{100 * p['pgd_acc']:.2f}",
+                 f"{p['pgd_steps']} × {p['pgd_restarts']}" if p["eps"] > 0 else "–"]
+        cells += [f"{100 * p['alone_acc'][m]:.2f}" if m in p["alone_acc"] else "–" for m in alone]
+        cells += [f"{100 * p['verified_acc']:.2f}", " → ".join(p["methods"]),
+                  f"{100 * (p['pgd_acc'] - p['verified_acc']):.2f}"]
+        cells += [str(p["not_attempted"])] if na else []
+        cells.append(f"{_sig(p['seconds']):g}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _sync(device: torch.device) -> None:
@@ -218,19 +455,37 @@ def _sync(device: torch.device) -> None:
 
 def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturbation: PerturbationLpNorm,
                    methods: Sequence[str] = METHODS, *, num_classes: int | None = None, pgd_steps: int = 20,
-                   pgd_restarts: int = 1, pgd_step_size: float | None = None, alone: bool = True,
+                   pgd_restarts: int = 1, pgd_step_size: float | None = None, alone: bool | Sequence[str] = True,
                    device: str | torch.device | None = None, bound_opts: Mapping[str, Any] | None = None,
+                   method_batch_size: Mapping[str, int] | None = None, max_samples: Mapping[str, int] | None = None,
+                   time_limit: Mapping[str, float] | None = None,
+                   optimize_bound_args: Mapping[str, Any] | None = None,
                    seed: int | None = 0, progress: bool = True, desc: str = "verify") -> VerificationResult:
     """Clean, PGD and verified accuracy of ``model`` on ``loader`` (see the module docstring).
 
     ``perturbation``: a :class:`PerturbationLpNorm` with a scalar ε (L∞ or L2; its ``x_L``/``x_U`` also
     bound the attack).  ``methods``: the cascade's order (names as :func:`canonical_method`).
-    ``alone``: also run every method on all clean-correct samples.  ``device``: auto / cpu / cuda[:N]
-    (default: where the model is).  ``seed``: seeds PGD's random starts (None: leave the RNG alone).
+    ``alone``: True (every method), False, or the methods to also run alone on all clean-correct
+    samples.  ``method_batch_size`` / ``max_samples`` / ``time_limit``: ``{method: value}`` (see the
+    module docstring).  ``optimize_bound_args``: α-CROWN's options (:data:`ALPHA_CROWN_OPTIONS`).
+    ``device``: auto / cpu / cuda[:N] (default: where the model is).  ``seed``: seeds PGD's random
+    starts (None: leave the RNG alone).
     """
     from .module import parse_norm
 
     methods = parse_methods(methods)
+    if alone is True or alone is False or alone is None:
+        alone_m = list(methods) if alone else []
+    else:
+        items = [alone] if isinstance(alone, str) else list(alone)
+        alone_m = parse_methods(items) if any(str(a).strip() for a in items) else []
+        extra = [m for m in alone_m if m not in methods]
+        if extra:
+            raise ValueError(f"alone lists {', '.join(extra)}, which is not among the methods ({', '.join(methods)})")
+    batch_of = parse_method_options("method_batch_size", method_batch_size, integer=True, minimum=1, methods=methods)
+    max_n = parse_method_options("max_samples", max_samples, integer=True, minimum=0, methods=methods)
+    max_t = parse_method_options("time_limit", time_limit, integer=False, minimum=0, methods=methods)
+    alpha_args = parse_alpha_crown_options(optimize_bound_args)
     if not isinstance(perturbation, PerturbationLpNorm) or isinstance(perturbation.eps, Tensor):
         raise ValueError("perturbation must be a PerturbationLpNorm with a scalar eps")
     eps, norm = float(perturbation.eps), parse_norm(perturbation.norm)
@@ -252,12 +507,15 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
     model = model.to(dev).eval()
     bounded: BoundedModule | None = None
     times = {"clean": 0.0, "pgd": 0.0, **{f"cascade:{m}": 0.0 for m in methods},
-             **({f"alone:{m}": 0.0 for m in methods} if alone else {})}
+             **{f"alone:{m}": 0.0 for m in alone_m}}
+    used = {k: 0 for k in times}  # samples each stage / alone run has bounded so far
     cascade_in = {m: 0 for m in methods}
     cascade_ver = {m: 0 for m in methods}
-    cols: dict[str, list[Tensor]] = {k: [] for k in ("label", "pred", "clean", "pgd", "seconds", "by")}
+    cascade_skip = {m: 0 for m in methods}
+    cols: dict[str, list[Any]] = {k: [] for k in ("label", "pred", "clean", "pgd", "seconds", "by", "skipped")}
     lbs: dict[str, list[Tensor]] = {m: [] for m in methods}
-    alone_v: dict[str, list[Tensor]] = {m: [] for m in methods}
+    alone_v: dict[str, list[Tensor]] = {m: [] for m in alone_m}
+    alone_att: dict[str, list[Tensor]] = {m: [] for m in alone_m}
     n_seen = n_clean = n_pgd = n_ver = 0
 
     try:
@@ -274,6 +532,31 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
         out = fn()
         _sync(dev)
         return out, time.perf_counter() - t0
+
+    def bound(key: str, m: str, x: Tensor, y: Tensor, idx: Tensor, K: int,
+              sec: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Margin minima by m on the samples idx of the batch, in sub-batches, within m's limits.
+
+        Returns (attempted idx, their minima (float64, CPU), skipped idx); adds the time to
+        ``times[key]`` and each sample's share to ``sec``.
+        """
+        bs = batch_of.get(m) or max(len(idx), 1)
+        mins: list[Tensor] = []
+        start = 0
+        while start < len(idx):
+            room = max_n[m] - used[key] if m in max_n else len(idx)
+            if room <= 0 or (m in max_t and times[key] >= max_t[m]):
+                break
+            sub = idx[start:start + min(bs, room)]
+            lb, t = timed(lambda: margin_lower_bounds(bounded, x[sub], y[sub], perturbation, m, K, alpha_args))
+            mins.append(lb.min(1).values.double().cpu())
+            times[key] += t
+            used[key] += len(sub)
+            if sec is not None:
+                sec[sub.cpu()] += t / len(sub)
+            start += len(sub)
+        got = torch.cat(mins) if mins else torch.zeros(0, dtype=torch.float64)
+        return idx[:start], got, idx[start:]
 
     try:
         for batch in bar:
@@ -298,13 +581,15 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
                 sec[ci.cpu()] += t / len(ci)
             batch_lb = {m: torch.full((B,), math.nan, dtype=torch.float64) for m in methods}
             by = [""] * B
+            skipped: list[list[str]] = [[] for _ in range(B)]
             if eps == 0:  # the ball is the point itself: the margins are exact
                 true = (logits.gather(1, y[:, None]) - logits).masked_fill(
                     torch.nn.functional.one_hot(y, K).bool(), math.inf).min(1).values.double().cpu()
                 for m in methods:
                     batch_lb[m] = true.clone()
-                    if alone:
-                        alone_v[m].append(clean.cpu())
+                for m in alone_m:
+                    alone_v[m].append(clean.cpu())
+                    alone_att[m].append(clean.cpu())
                 by = [methods[0] if c else "" for c in clean.tolist()]
                 cascade_in[methods[0]] += int(clean.sum())
                 cascade_ver[methods[0]] += int(clean.sum())
@@ -316,34 +601,38 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
                 for m in methods:
                     if len(todo) == 0:
                         break
-                    lb, t = timed(lambda: margin_lower_bounds(bounded, x[todo], y[todo], perturbation, m, K))
-                    mins = lb.min(1).values.double().cpu()
-                    times[f"cascade:{m}"] += t
-                    cascade_in[m] += len(todo)
-                    tc = todo.cpu()
-                    sec[tc] += t / len(todo)
-                    batch_lb[m][tc] = mins
+                    done, mins, skip = bound(f"cascade:{m}", m, x, y, todo, K, sec)
+                    cascade_in[m] += len(done)
+                    cascade_skip[m] += len(skip)
+                    for i in skip.tolist():
+                        skipped[i].append(m)
+                    dc = done.cpu()
+                    batch_lb[m][dc] = mins
                     ok = mins > 0
-                    for i in tc[ok].tolist():
+                    for i in dc[ok].tolist():
                         by[i] = m
                     cascade_ver[m] += int(ok.sum())
-                    todo = todo[~ok.to(todo.device)]
-                if alone:
-                    for m in methods:
-                        v = torch.zeros(B, dtype=torch.bool)
-                        if len(ci):
-                            lb, t = timed(lambda: margin_lower_bounds(bounded, x[ci], y[ci], perturbation, m, K))
-                            mins = lb.min(1).values.double().cpu()
-                            times[f"alone:{m}"] += t
-                            batch_lb[m][ci.cpu()] = mins
-                            v[ci.cpu()] = mins > 0
-                        alone_v[m].append(v)
+                    # not verified here, or skipped by this stage's limit: on to the next stage
+                    todo = torch.cat([done[~ok.to(done.device)], skip]).sort().values
+                for m in alone_m:
+                    v = torch.zeros(B, dtype=torch.bool)
+                    att = torch.zeros(B, dtype=torch.bool)
+                    if len(ci):
+                        done, mins, _ = bound(f"alone:{m}", m, x, y, ci, K, None)
+                        dc = done.cpu()
+                        free = batch_lb[m][dc].isnan()  # keep the cascade's value where it ran
+                        batch_lb[m][dc[free]] = mins[free]
+                        v[dc] = mins > 0
+                        att[dc] = True
+                    alone_v[m].append(v)
+                    alone_att[m].append(att)
             cols["label"].append(y.cpu())
             cols["pred"].append(pred.cpu())
             cols["clean"].append(clean.cpu())
             cols["pgd"].append(robust.cpu())
             cols["seconds"].append(sec)
-            cols["by"].append(by)  # type: ignore[arg-type]
+            cols["by"].append(by)
+            cols["skipped"].append([tuple(s) for s in skipped])
             for m in methods:
                 lbs[m].append(batch_lb[m])
             n_seen += B
@@ -364,11 +653,15 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
         methods=methods, eps=eps, norm=norm, pgd_steps=int(pgd_steps), pgd_restarts=int(pgd_restarts),
         index=torch.arange(len(label)), label=label, pred=cat(cols["pred"], torch.long),
         clean_correct=cat(cols["clean"], torch.bool), pgd_robust=cat(cols["pgd"], torch.bool),
-        verified_by=[b for bs in cols["by"] for b in bs],  # type: ignore[union-attr]
+        verified_by=[b for bs in cols["by"] for b in bs],
         margin_lb={m: cat(v, torch.float64) for m, v in lbs.items()},
-        alone_verified={m: cat(v, torch.bool) for m, v in alone_v.items()} if alone else {},
+        alone_verified={m: cat(v, torch.bool) for m, v in alone_v.items()},
         seconds=cat(cols["seconds"], torch.float64), time=times, cascade_in=cascade_in,
-        cascade_verified=cascade_ver, info={"device": str(dev)})
+        cascade_verified=cascade_ver,
+        info={"device": str(dev), **({"alpha_crown": alpha_args} if "alpha-CROWN" in methods else {})},
+        skipped_by=[s for ss in cols["skipped"] for s in ss],
+        alone_attempted={m: cat(v, torch.bool) for m, v in alone_att.items()}, cascade_skipped=cascade_skip,
+        limits={"method_batch_size": batch_of, "max_samples": max_n, "time_limit": max_t})
 
 
 def load_for_verification(ckpt_path: str | os.PathLike, *, subset: int | None = None, batch_size: int | None = None,

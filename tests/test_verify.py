@@ -1,8 +1,10 @@
 """Verification (verify.py, certtrain.verification), atomic checkpoints, DDP on CPU and fail-fast errors.
 
 (a) train → checkpoint → verify round trip on real MNIST (skipped without ../shared/datasets/MNIST);
-(b) DDP with 2 CPU processes (gloo) in a subprocess; (c) bad input: missing / corrupted / foreign
-checkpoints, eps < 0, unknown methods, models and datasets, missing data files.
+(a') on the bundled digits: the α-CROWN stage, per-method batch sizes, stage limits ("not
+attempted"), ε lists and the accuracy-vs-ε curve and PNG; (b) DDP with 2 CPU processes (gloo) in a
+subprocess; (c) bad input: missing / corrupted / foreign checkpoints, eps < 0, bad ε lists and
+limits, unknown methods, models and datasets, missing data files.
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ from certtrain.checkpoint_io import (  # noqa: E402
 from certtrain.verification import (  # noqa: E402
     METHODS, canonical_method, load_for_verification, make_perturbation, parse_methods, verify_dataset)
 
+CLASSIC = ["IBP", "CROWN-IBP", "CROWN"]  # the methods train.py's test reports
+
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 FAST = [  # digits, 64 training images, ε at its target after epoch 0
     "dataset.train_subset=64", "dataset.val_size=64", "dataset.test_subset=64", "dataset.batch_size=32",
     "schedule.start=0", "schedule.length=1", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
     "eval.val_pgd_steps=2", "eval.pgd_steps=3",
 ]
+# the digits model the verification tests share: all 1297 training images, ε = 0.1 from epoch 2 (~15 s)
+DIGITS = [*FAST, "dataset.train_subset=null", "dataset.test_subset=100", "trainer.max_epochs=4", "schedule.length=2"]
 # real MNIST round trip: 1000 training images, small mlp, ε = 0.1 (ramped over epochs 1-3 of 6: ~2 s)
 MNIST = [
     "dataset=mnist", f"paths.data_dir='{DATASETS}'", "dataset.train_subset=1000", "dataset.val_size=200",
@@ -71,13 +77,13 @@ def run_script(args: list[str], timeout: float = 120) -> subprocess.CompletedPro
 
 @pytest.fixture(scope="module")
 def digits_ckpt(tmp_path_factory) -> Path:
-    """last.ckpt of a one-epoch mlp run on the bundled digits (no download)."""
+    """last.ckpt of a four-epoch mlp run on the bundled digits (no download), 100 test images."""
     import train
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res = train.run(compose_train(tmp_path_factory.mktemp("digits"), [*FAST, "test=false"]))
+        res = train.run(compose_train(tmp_path_factory.mktemp("digits"), [*DIGITS, "test=false"]))
     finally:
         torch.set_num_threads(n)
     assert isinstance(res["trainer"].strategy.checkpoint_io, AtomicCheckpointIO)
@@ -98,24 +104,24 @@ def test_train_checkpoint_verify_round_trip(tmp_path):
     module, dm, config = load_for_verification(ckpt)  # model and data from the checkpoint alone
     n = len(dm.test_set)
     assert n == 300 and config["dataset"]["test_subset"] == 300
-    r = verify_dataset(module.net, dm.test_dataloader(), make_perturbation(0.1, "inf"), METHODS,
+    r = verify_dataset(module.net, dm.test_dataloader(), make_perturbation(0.1, "inf"), CLASSIC,
                        pgd_steps=10, progress=False)
     s = r.summary()
     assert r.n == n and s["n"] == n
     # the same numbers as train.py's final test on the same images and checkpoint
     assert s["clean"] == round(t["test/clean_acc"] * n)
     names = {"IBP": "ibp", "CROWN-IBP": "crown_ibp", "CROWN": "crown"}
-    for m in METHODS:
+    for m in CLASSIC:
         assert s["alone"][m] == round(t[f"test/verified_acc_{names[m]}"] * n), m
     # the cascade proves exactly what some method proves alone, i.e. at least each of them
     union = torch.zeros(n, dtype=torch.bool)
-    for m in METHODS:
+    for m in CLASSIC:
         assert s["verified"] >= s["alone"][m]
         union |= r.alone_verified[m]
     assert s["verified"] == int(union.sum()) == round(t["test/verified_acc"] * n)
     assert s["verified"] > 0 and s["clean"] > s["verified"]
     # sound: nothing verified is broken by PGD; PGD only attacks clean-correct samples
-    assert r.unsound() == {**{m: 0 for m in METHODS}, "cascade": 0}
+    assert r.unsound() == {**{m: 0 for m in CLASSIC}, "cascade": 0}
     assert not (r.verified & ~r.pgd_robust).any() and not (r.pgd_robust & ~r.clean_correct).any()
     # the cascade: stage k sees the PGD-robust samples not verified by stages < k
     assert r.cascade_in["IBP"] == s["pgd"]
@@ -124,28 +130,31 @@ def test_train_checkpoint_verify_round_trip(tmp_path):
     for i, by in enumerate(r.verified_by):
         if by:  # verified by that method, and not by an earlier one
             assert r.margin_lb[by][i] > 0
-            assert all(not r.margin_lb[m][i] > 0 for m in METHODS[:METHODS.index(by)])
+            assert all(not r.margin_lb[m][i] > 0 for m in CLASSIC[:CLASSIC.index(by)])
     assert all(math.isnan(float(v)) for v in r.margin_lb["CROWN"][~r.clean_correct])
 
     # verify.py (in-process, as the CLI runs it): CSV with one row per sample, summary files
     out = tmp_path / "verify"
     v = verify.run(compose_verify([f"ckpt='{ckpt}'", "eps=0.1", f"out='{out}'", "pgd_steps=10", "progress=false",
-                                   "methods=[IBP,CROWN-IBP,CROWN]"]))
+                                   "methods=[IBP,CROWN-IBP,CROWN]", "alone=true", "curve=false"]))
     with open(v["csv"]) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == n and [int(row["index"]) for row in rows] == list(range(n))
-    assert set(rows[0]) == {"index", "label", "pred", "clean_correct", "pgd_robust", "verified_by", "seconds",
-                            "margin_lb_IBP", "margin_lb_CROWN-IBP", "margin_lb_CROWN"}
+    assert set(rows[0]) == {"eps", "index", "label", "pred", "clean_correct", "pgd_robust", "status", "verified_by",
+                            "skipped_by", "seconds", "margin_lb_IBP", "margin_lb_CROWN-IBP", "margin_lb_CROWN"}
     assert sum(row["verified_by"] != "" for row in rows) == s["verified"]
+    assert sum(row["status"] == "verified" for row in rows) == s["verified"]
     assert all(row["pgd_robust"] == "1" for row in rows if row["verified_by"])
     assert sum(int(row["clean_correct"]) for row in rows) == s["clean"]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["verified"] == s["verified"] and summary["alone"] == s["alone"]
+    summary = json.loads((out / "summary.json").read_text())["points"]
+    assert len(summary) == 1 and summary[0]["verified"] == s["verified"] and summary[0]["alone"] == s["alone"]
+    assert not (out / "accuracy_vs_eps.png").exists()  # one ε: no curve
     assert "| verified: cascade IBP → CROWN-IBP → CROWN |" in (out / "summary.md").read_text()
 
     # subset= and a method subset: the first N test images, cascade over the given methods only
     v2 = verify.run(compose_verify([f"ckpt='{ckpt}'", f"out='{tmp_path / 'v2'}'", "subset=50", "batch_size=16",
-                                    "methods=[crown_ibp,ibp]", "alone=false", "pgd_steps=5", "progress=false"]))
+                                    "methods=[crown_ibp,ibp]", "alone=false", "pgd_steps=5", "progress=false",
+                                    "curve=false"]))
     r2 = v2["result"]
     assert r2.n == 50 and r2.methods == ["CROWN-IBP", "IBP"] and not r2.alone_verified
     assert torch.equal(r2.clean_correct, r.clean_correct[:50])
@@ -155,6 +164,9 @@ def test_train_checkpoint_verify_round_trip(tmp_path):
 def test_method_names():
     assert [canonical_method(m) for m in ("ibp", "crown_ibp", "IBP+backward", "backward", "Crown")] == [
         "IBP", "CROWN-IBP", "CROWN-IBP", "CROWN", "CROWN"]
+    assert {canonical_method(m) for m in ("alpha-CROWN", "alpha_crown", "Alpha-Crown", "CROWN-Optimized")} == {
+        "alpha-CROWN"}
+    assert METHODS == ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
     assert parse_methods("IBP,CROWN") == ["IBP", "CROWN"]
     with pytest.raises(ValueError, match="unknown verification method 'FOO'.*IBP, CROWN-IBP, CROWN"):
         parse_methods(["IBP", "FOO"])
@@ -171,6 +183,182 @@ def test_verify_eps_zero_and_l2(digits_ckpt):
     r2 = verify_dataset(module.net, dm.test_dataloader(), make_perturbation(0.3, 2), ["IBP", "CROWN"],
                         pgd_steps=3, progress=False)
     assert r2.unsound() == {"IBP": 0, "CROWN": 0, "cascade": 0}
+
+
+# ---------------------------------------------------------------- (a') α-CROWN, cost control, ε curve (digits)
+def _test_data(dm) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*[(b[0], b[1]) for b in dm.test_dataloader()])
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _true_margins(net, x, y) -> torch.Tensor:
+    """min_j z_y - z_j at x itself: every sound lower bound over a ball around x is below it."""
+    with torch.no_grad():
+        z = net.eval()(x)
+    return (z.gather(1, y[:, None]) - z).masked_fill(torch.nn.functional.one_hot(y, z.shape[1]).bool(),
+                                                      math.inf).min(1).values.double()
+
+
+def test_alpha_crown_stage_verifies_at_least_crown(digits_ckpt):
+    module, dm, _ = load_for_verification(digits_ckpt)
+    r = verify_dataset(module.net, dm.test_dataloader(), make_perturbation(0.1), METHODS, pgd_steps=5,
+                       alone=["CROWN"], progress=False)
+    # the α-CROWN stage sees exactly what CROWN left over (PGD-robust, not verified by any cheaper stage)
+    assert r.cascade_in["alpha-CROWN"] == r.cascade_in["CROWN"] - r.cascade_verified["CROWN"] > 0
+    ran = ~r.margin_lb["alpha-CROWN"].isnan()
+    assert int(ran.sum()) == r.cascade_in["alpha-CROWN"] and not r.margin_lb["CROWN"][ran].isnan().any()
+    # never looser than CROWN on the same samples, and the cascade proves all CROWN proves alone
+    assert (r.margin_lb["alpha-CROWN"][ran] >= r.margin_lb["CROWN"][ran] - 1e-5).all()
+    assert not (r.alone_verified["CROWN"] & ~r.verified).any()
+    assert r.summary()["verified"] >= r.summary()["alone"]["CROWN"]
+    # sound: no PGD-broken sample verified, every lower bound below the margin at x itself
+    assert r.unsound() == {"CROWN": 0, "cascade": 0}
+    x, y = _test_data(dm)
+    true = _true_margins(module.net, x, y)
+    for m in METHODS:
+        done = ~r.margin_lb[m].isnan()
+        assert done.any() and (r.margin_lb[m][done] <= true[done] + 1e-5).all(), m
+    assert {s for s, b in zip(r.status, r.verified_by) if b} == {"verified"}
+
+
+def test_method_batch_size_keeps_bounds(digits_ckpt, monkeypatch):
+    import certtrain.verification as ver
+
+    module, dm, _ = load_for_verification(digits_ckpt)
+    sizes: dict[str, list[int]] = {}
+    inner = ver.margin_lower_bounds
+
+    def spy(bounded, x, *args, **kwargs):
+        sizes.setdefault(args[2], []).append(len(x))
+        return inner(bounded, x, *args, **kwargs)
+
+    monkeypatch.setattr(ver, "margin_lower_bounds", spy)
+    split = {"CROWN-IBP": 3, "CROWN": 4, "alpha-CROWN": 5}
+    # sparse_intermediate_bounds=False: every neuron's intermediate bounds by CROWN, so a sample's
+    # bounds cannot depend on the others in its batch; by default CROWN refines the neurons that are
+    # unstable for any sample of the batch, which moves bounds in the 5th digit (both sound).
+    for opts, tol in (({"sparse_intermediate_bounds": False}, 1e-5), (None, 1e-3)):
+        run = lambda **kw: verify_dataset(  # noqa: E731
+            module.net, dm.test_dataloader(), make_perturbation(0.1), METHODS, pgd_steps=5, alone=False,
+            bound_opts=opts, progress=False, **kw)
+        sizes = {}
+        ref = run()
+        whole, sizes = sizes, {}
+        sub = run(method_batch_size={"crown_ibp": 3, "CROWN": 4, "alpha_crown": 5})
+        for m, bs in split.items():  # really split: one call had more samples before, none has now
+            assert max(whole[m]) > bs and max(sizes[m]) <= bs and sum(sizes[m]) == sum(whole[m]), m
+        assert sub.verified_by == ref.verified_by and torch.equal(sub.pgd_robust, ref.pgd_robust)
+        for m in METHODS:
+            a, b = ref.margin_lb[m], sub.margin_lb[m]
+            assert torch.equal(a.isnan(), b.isnan()), m
+            assert torch.allclose(a[~a.isnan()], b[~b.isnan()], rtol=tol, atol=tol), (m, opts)
+
+
+def test_stage_limits_mark_not_attempted(tmp_path, digits_ckpt):
+    import verify
+
+    args = [f"ckpt='{digits_ckpt}'", "eps=0.1", "pgd_steps=5", "progress=false", "curve=false", "alone=false"]
+    base = verify.run(compose_verify([*args, f"out='{tmp_path / 'a'}'"]))["result"]
+    n_crown = base.cascade_in["CROWN"]
+    assert n_crown > 2
+    # CROWN may bound 2 samples, alpha-CROWN none: what reaches them is "not attempted"
+    v = verify.run(compose_verify([*args, f"out='{tmp_path / 'b'}'", "max_samples.CROWN=2",
+                                   "time_limit.alpha-CROWN=0"]))
+    r, s = v["result"], v["result"].summary()
+    for m in ("IBP", "CROWN-IBP"):  # the stages before the limits are untouched
+        assert r.cascade_in[m] == base.cascade_in[m] and r.cascade_verified[m] == base.cascade_verified[m]
+    assert r.cascade_in["CROWN"] == 2 and r.cascade_skipped["CROWN"] == n_crown - 2
+    left = n_crown - r.cascade_verified["CROWN"]  # skipped by CROWN or not verified by it: on to alpha-CROWN
+    assert r.cascade_in["alpha-CROWN"] == 0 and r.cascade_skipped["alpha-CROWN"] == left
+    na = r.not_attempted
+    assert int(na.sum()) == left == s["not_attempted"] == s["status"]["not attempted"]
+    assert not (na & r.verified).any() and not (na & ~r.pgd_robust).any()
+    assert not (r.verified & ~base.verified).any()
+    assert s["verified"] == sum(base.cascade_verified[m] for m in ("IBP", "CROWN-IBP")) + r.cascade_verified["CROWN"]
+    assert s["verified"] + s["not_attempted"] + s["status"]["not verified"] == s["pgd"]
+    with open(v["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    skipped = [row for row in rows if row["status"] == "not attempted"]
+    assert len(skipped) == left and all(row["verified_by"] == "" and "alpha-CROWN" in row["skipped_by"].split(";")
+                                        and row["margin_lb_alpha-CROWN"] == "" for row in skipped)
+    assert sum(row["status"] == "verified" for row in rows) == s["verified"]
+    point = json.loads((v["out"] / "summary.json").read_text())["points"][0]
+    assert point["not_attempted"] == left and point["verified"] == s["verified"]
+    assert point["limits"]["max_samples"] == {"CROWN": 2} and point["limits"]["time_limit"] == {"alpha-CROWN": 0.0}
+    assert "| not attempted (stage limits; not verified) |" in (v["out"] / "summary.md").read_text()
+
+    # without a limit of its own, alpha-CROWN takes what CROWN's limit skipped; those it does not
+    # verify stay "not attempted" (the cascade did not run all its stages on them)
+    module, dm, _ = load_for_verification(digits_ckpt)
+    r2 = verify_dataset(module.net, dm.test_dataloader(), make_perturbation(0.1), METHODS, pgd_steps=5, alone=False,
+                        max_samples={"CROWN": 2}, progress=False)
+    assert r2.cascade_in["alpha-CROWN"] == left and r2.cascade_skipped["alpha-CROWN"] == 0
+    skipped_crown = {i for i, by in enumerate(r2.skipped_by) if by == ("CROWN",)}
+    assert len(skipped_crown) == n_crown - 2
+    assert set(r2.not_attempted.nonzero().flatten().tolist()) == {i for i in skipped_crown if not r2.verified_by[i]}
+    assert int(r2.verified.sum()) >= s["verified"]
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", "not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_eps_list_table_and_plot(tmp_path, digits_ckpt, capsys):
+    import verify
+
+    out = tmp_path / "curve"
+    v = verify.run(compose_verify([f"ckpt='{digits_ckpt}'", f"out='{out}'", "eps=[0.2,0.05,0.1]",
+                                   "methods=[IBP,CROWN-IBP]", "alone=true", "curve.eps=[0,0.3]", "pgd_steps=5",
+                                   "progress=false"]))
+    printed = capsys.readouterr().out
+    res, summary = v["results"], json.loads((out / "summary.json").read_text())
+    grid = [0.0, 0.05, 0.1, 0.2, 0.3]
+    assert [r.eps for r in res] == grid and [row["eps"] for row in summary["curve"]] == grid
+    assert summary["eps"] == [0.05, 0.1, 0.2] and summary["curve_eps"] == [0.0, 0.3]
+    n = res[0].n
+    for row in summary["curve"]:
+        assert row["verified_acc"] <= row["pgd_acc"] <= row["clean_acc"] == summary["curve"][0]["clean_acc"]
+    ibp = [row["alone_acc"]["IBP"] for row in summary["curve"]]
+    assert ibp == sorted(ibp, reverse=True) and ibp[0] > ibp[-1]
+    for a, b in zip(res, res[1:]):  # per sample: a bigger ball never raises IBP's lower bound
+        both = ~a.margin_lb["IBP"].isnan() & ~b.margin_lb["IBP"].isnan()
+        assert both.any() and (b.margin_lb["IBP"][both] <= a.margin_lb["IBP"][both] + 1e-6).all()
+    text = (out / "summary.md").read_text()
+    assert "| ε | clean (%) | PGD (%) |" in text
+    assert [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| 0")][:5] == [
+        "0", "0.05", "0.1 (trained)", "0.2", "0.3"]
+    with open(out / "samples.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 * n and sorted({float(row["eps"]) for row in rows}) == grid
+    png = out / "accuracy_vs_eps.png"
+    w, h = _png_size(png)
+    assert w > 300 and h > 200 and v["png"] == png and summary["plot"] == png.name
+    assert str(png) in printed and "accuracy_vs_eps.png" in printed
+
+
+def test_default_curve_runs_only_cheap_methods(tmp_path, digits_ckpt):
+    import verify
+
+    out = tmp_path / "auto"
+    v = verify.run(compose_verify([f"ckpt='{digits_ckpt}'", f"out='{out}'", "methods=[IBP,CROWN-IBP,CROWN]",
+                                   "alone=[IBP]", "pgd_steps=3", "pgd_restarts=2", "progress=false"]))
+    res, curve = v["results"], v["summary"]["curve"]
+    assert [r.eps for r in res] == pytest.approx([0.1 * f for f in verify.AUTO_CURVE])  # the checkpoint's ε = 0.1
+    full = [r for r in res if r.methods == CLASSIC]
+    assert [r.eps for r in full] == [0.1] and full[0] is v["result"] and full[0].pgd_restarts == 2
+    for r in res:
+        if r is not full[0]:  # the curve's extra ε: the cheap first stages, one PGD restart, IBP alone
+            assert r.methods == ["IBP", "CROWN-IBP"] and "CROWN" not in r.margin_lb and r.pgd_restarts == 1
+            assert list(r.alone_verified) == ["IBP"]
+    i = res.index(full[0])
+    n = full[0].n
+    assert curve[i]["curve_acc"] == full[0].verified_by_stages(["IBP", "CROWN-IBP"]) / n <= curve[i]["verified_acc"]
+    assert _png_size(out / "accuracy_vs_eps.png")[0] > 0
+    with open(out / "samples.csv") as f:
+        crown = [row["margin_lb_CROWN"] for row in csv.DictReader(f) if float(row["eps"]) != 0.1]
+    assert crown and all(c == "" for c in crown)
 
 
 # ---------------------------------------------------------------- atomic checkpoints
@@ -248,13 +436,34 @@ def test_verify_bad_input(tmp_path, digits_ckpt):
         ([f"ckpt='{digits_ckpt}'", "methods=[IBP,FOO]"], ValueError, "unknown verification method 'FOO'"),
         ([], ValueError, "no checkpoint given"),
     ]
+    ck = f"ckpt='{digits_ckpt}'"
+    cases += [(  # ε lists, limits, α-CROWN options, the curve: all checked before the checkpoint is read
+        [ck, *args], ValueError, msg) for args, msg in [
+        (["eps=[]"], "eps is an empty list"),
+        (["eps=[0.1,0.1]"], "eps lists 0.1 more than once"),
+        (["eps=[0.1,-0.2]"], r"eps must be a finite number >= 0, got -0.2"),
+        (["eps=[0.1,abc]"], "eps must be a number or a list of numbers, got 'abc'"),
+        (["method_batch_size.CROWN=0"], r"method_batch_size.CROWN must be an integer >= 1"),
+        (["method_batch_size.CROWN=2.5"], r"method_batch_size.CROWN must be an integer >= 1"),
+        (["max_samples.alpha-CROWN=-1"], r"max_samples.alpha-CROWN must be an integer >= 0"),
+        (["time_limit.CROWN=-5"], r"time_limit.CROWN must be a number >= 0"),
+        (["+max_samples.FOO=5"], "max_samples: unknown verification method 'FOO'"),
+        (["methods=[IBP,CROWN-IBP]", "max_samples.CROWN=5"], "max_samples sets CROWN, which is not among the methods"),
+        (["methods=[IBP]", "alone=[CROWN]"], "alone lists CROWN, which is not among the methods"),
+        (["alpha_crown.iteration=0"], r"alpha_crown.iteration must be an integer >= 1"),
+        (["alpha_crown.lr_alpha=-1"], r"alpha_crown.lr_alpha must be a number > 0"),
+        (["+alpha_crown.lr=0.1"], "unknown alpha_crown option 'lr'"),
+        (["curve.eps=[0.1,-1]"], r"curve.eps must be a finite number >= 0"),
+        (["curve.methods=[CROWN-IBP]"], "must be the first stages of methods"),
+        (["+curve.points=3"], "unknown curve option"),
+    ]]
     for overrides, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             verify.prepare(compose_verify([*overrides, f"out='{tmp_path / 'out'}'"]))
     assert not (tmp_path / "out").exists()
     # the command line: one line on stderr, exit code 2, the checkpoint untouched
     before = sha(trunc)
-    for args in ([f"ckpt={trunc}"], [f"ckpt={digits_ckpt}", "eps=-1"]):
+    for args in ([f"ckpt={trunc}"], [f"ckpt={digits_ckpt}", "eps=[0.1,-1]", "max_samples.CROWN=-3"]):
         p = run_script(["verify.py", *args, f"out={tmp_path / 'cli'}"])
         assert p.returncode == 2, p.stderr
         assert p.stderr.strip().count("\n") == 0 and p.stderr.startswith("verify.py: error: ")
