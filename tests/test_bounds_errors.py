@@ -80,7 +80,7 @@ def test_unknown_method_and_norm(net):
     with pytest.raises(ValueError, match="unknown method"):
         net.compute_bounds(x=(x,), method="magic")
     with pytest.raises(NotImplementedError, match="not implemented yet"):
-        net.compute_bounds(x=(x,), method="alpha-CROWN")
+        net.compute_bounds(x=(x,), method="forward")
     with pytest.raises(ValueError, match="norm"):
         PerturbationLpNorm(eps=0.1, norm=3)
 

@@ -19,6 +19,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, fx, nn
 
+from .alpha_crown import DEFAULT_ALPHA_OPTS, check_alpha_opts, optimized_bounds
+from .fast_ibp import FAST_IBP_OPTS, fast_ibp_bounds
 from .graph import BoundNode, attach_op, build_nodes, fetch_attr, trace
 from .ops.base import Value
 from .ops.linear import BoundLinear
@@ -32,14 +34,18 @@ _METHODS = {
     "crown": "CROWN", "backward": "CROWN",
     "crown-ibp": "CROWN-IBP", "crown_ibp": "CROWN-IBP", "ibp+backward": "CROWN-IBP",
     "crownibp": "CROWN-IBP",
+    "alpha-crown": "alpha-CROWN", "alpha_crown": "alpha-CROWN", "alphacrown": "alpha-CROWN",
+    "crown-optimized": "alpha-CROWN", "crown_optimized": "alpha-CROWN", "α-crown": "alpha-CROWN",
 }
-_FUTURE = {"alpha-crown", "crown-optimized", "forward", "forward+backward", "dynamic-forward"}
+_FUTURE = {"forward", "forward+backward", "dynamic-forward"}
 
 DEFAULT_OPTS = {
     "relu": "adaptive",           # lower slope of unstable ReLUs: adaptive | same-slope | zero
     "conv_mode": "patches",       # patches | matrix (dense), for CROWN through convolutions
     "memory_budget": 1 << 30,     # bytes of CROWN coefficients per chunk of rows
     "sparse_intermediate_bounds": True,  # CROWN only for neurons whose relaxation they change
+    "optimize_bound_args": dict(DEFAULT_ALPHA_OPTS),  # alpha-CROWN (see certtrain.bounds.alpha_crown)
+    **FAST_IBP_OPTS,              # fast IBP paths: ibp_skip_clean, ibp_compile, ... (certtrain.bounds.fast_ibp)
 }
 _OPT_ALIASES = {"activation_bound_option": "relu"}
 _RELU_ALIASES = {"zero-lb": "zero"}
@@ -51,14 +57,14 @@ def _resolve_method(method: Optional[str], IBP: bool, forward: bool) -> str:
     if method is None:
         if IBP:
             return "IBP"
-        raise ValueError("compute_bounds needs a method: 'IBP', 'CROWN' or 'CROWN-IBP'")
+        raise ValueError("compute_bounds needs a method: 'IBP', 'CROWN', 'CROWN-IBP' or 'alpha-CROWN'")
     key = method.lower().replace(" ", "")
     if key in _FUTURE:
-        raise NotImplementedError(f"method {method!r} is not implemented yet; use 'IBP', 'CROWN' "
-                                  "or 'CROWN-IBP'")
+        raise NotImplementedError(f"method {method!r} is not implemented yet; use 'IBP', 'CROWN', "
+                                  "'CROWN-IBP' or 'alpha-CROWN'")
     if key not in _METHODS:
-        raise ValueError(f"unknown method {method!r}: use 'IBP', 'CROWN' (alias 'backward') or "
-                         "'CROWN-IBP' (alias 'IBP+backward')")
+        raise ValueError(f"unknown method {method!r}: use 'IBP', 'CROWN' (alias 'backward'), "
+                         "'CROWN-IBP' (alias 'IBP+backward') or 'alpha-CROWN' (alias 'CROWN-Optimized')")
     m = _METHODS[key]
     return "CROWN-IBP" if (IBP and m == "CROWN") else m
 
@@ -99,6 +105,7 @@ class BoundedModule(nn.Module):
             raise ValueError(f"bound_opts relu={opts['relu']!r}: use 'adaptive', 'same-slope' or 'zero'")
         if opts["conv_mode"] not in ("patches", "matrix"):
             raise ValueError(f"bound_opts conv_mode={opts['conv_mode']!r}: use 'patches' or 'matrix'")
+        opts["optimize_bound_args"] = check_alpha_opts(opts["optimize_bound_args"])
         self.bound_opts = opts
         gm = trace(model)
         object.__setattr__(self, "_gm", gm)  # shares the user's submodules; not a child module
@@ -276,20 +283,28 @@ class BoundedModule(nn.Module):
     def compute_bounds(self, x: Union[Tensor, Sequence[Tensor], None] = None, C: Optional[Tensor] = None,
                        method: Optional[str] = "CROWN", IBP: bool = False, forward: bool = False,
                        bound_lower: bool = True, bound_upper: bool = True,
-                       keep_intermediate: bool = False, **unused
+                       keep_intermediate: bool = False, optimize_bound_args: Optional[dict] = None, **unused
                        ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Lower and upper bounds of ``C @ model(x)`` (or of the outputs) over the perturbation.
 
         Returns (lb, ub), each (batch, n_spec) with C, else (batch, *output_shape); a side not
         asked for is None.  ``keep_intermediate=True`` keeps every node's bounds of this call for
         `save_intermediate` (differentiable; off by default so training holds no extra memory).
+        ``optimize_bound_args`` overrides ``bound_opts["optimize_bound_args"]`` for method
+        "alpha-CROWN" (see `certtrain.bounds.alpha_crown`).
         """
         if x is None:
             raise ValueError("compute_bounds needs x=(BoundedTensor(...),)")
         method = _resolve_method(method, IBP, forward)
+        alpha_opts = check_alpha_opts(optimize_bound_args, self.bound_opts["optimize_bound_args"]) \
+            if method == "alpha-CROWN" else None
         inputs, ptbs = self._check_inputs(x)
         batch = inputs[0].shape[0]
         C = self._check_C(C, batch, inputs[0])
+        if method == "IBP":  # no clean pass where none is needed; compiled program (fast_ibp)
+            fast = fast_ibp_bounds(self, inputs, ptbs, C, bound_lower, bound_upper, keep_intermediate)
+            if fast is not None:
+                return fast
         perturbed = [p is not None for p in ptbs]
         values = self._cached_values(inputs, perturbed)
         if values is None:
@@ -300,15 +315,17 @@ class BoundedModule(nn.Module):
             out = final.value.flatten(1)
             out = torch.bmm(C, out.unsqueeze(-1)).squeeze(-1) if C is not None else final.value
             return (out if bound_lower else None), (out if bound_upper else None)
-        if method == "CROWN" and torch.is_grad_enabled() and not self._warned_grad:
+        if method in ("CROWN", "alpha-CROWN") and torch.is_grad_enabled() and not self._warned_grad:
             self._warned_grad = True
             warnings.warn("CROWN with gradients enabled: autograd keeps every intermediate coefficient "
                           "matrix, so memory_budget cannot bound memory. For verification, call "
                           "compute_bounds under torch.no_grad().", stacklevel=2)
-        self._intervals(values, refine=(method == "CROWN"))
+        self._intervals(values, refine=(method in ("CROWN", "alpha-CROWN")))
         self._kept = values if keep_intermediate else None
         if method == "IBP":
             lb, ub = self._ibp_output(final, C, values)
+        elif method == "alpha-CROWN":
+            lb, ub = optimized_bounds(self, values, final, C, bound_lower, bound_upper, alpha_opts)
         else:
             lb, ub = self._crown_output(final, C, values, bound_lower, bound_upper)
         return (lb if bound_lower else None), (ub if bound_upper else None)
@@ -322,9 +339,10 @@ class BoundedModule(nn.Module):
         v.ball = n.op.ibp_ball(*args, **kwargs)
         return n.op.ibp(*args, **kwargs)
 
-    def _intervals(self, values: dict[str, Value], refine: bool) -> None:
+    def _intervals(self, values: dict[str, Value], refine: bool, alphas: Optional[dict] = None) -> None:
         """Interval bounds of every perturbed node, in topological order; with ``refine`` the inputs
-        of relaxed ops are tightened by CROWN before their consumers use them."""
+        of relaxed ops are tightened by CROWN before their consumers use them (with the α-CROWN
+        slopes ``alphas[node]`` when given)."""
         need = self._needs_bounds(values) if refine else set()
         for n in self._nodes:
             v = values.get(n.name)
@@ -332,7 +350,7 @@ class BoundedModule(nn.Module):
                 continue
             v.set_interval(self._ibp_node(n, values))
             if n.name in need and not self._ibp_is_exact(n, values):
-                self._refine(n, values)
+                self._refine(n, values, alphas.get(n.name) if alphas else None)
 
     def _needs_bounds(self, values) -> set[str]:
         need = set()
@@ -353,7 +371,7 @@ class BoundedModule(nn.Module):
                 and self._ptbs[src.name].norm == math.inf
         return getattr(n.op, "relaxed_inputs", ()) == (0,) and hasattr(n.op, "relax")
 
-    def _refine(self, n: BoundNode, values: dict[str, Value]) -> None:
+    def _refine(self, n: BoundNode, values: dict[str, Value], alphas: Optional[dict] = None) -> None:
         v = values[n.name]
         shape = v.value.shape[1:]
         numel = math.prod(shape)
@@ -372,7 +390,7 @@ class BoundedModule(nn.Module):
                 if rows.numel() > 0.9 * numel:  # nearly all: bound every neuron (auto_LiRPA's rule)
                     rows = None
         all_rows = torch.arange(numel, device=v.value.device) if rows is None else rows
-        lb, ub = self._backward_rows(n, all_rows, values)
+        lb, ub = self._backward_rows(n, all_rows, values, alphas=alphas)
         if rows is None:
             v.lower, v.upper = lb.view_as(v.value), ub.view_as(v.value)
         else:
@@ -387,19 +405,26 @@ class BoundedModule(nn.Module):
         per_row = batch * widest * itemsize * 4
         return max(1, int(self.bound_opts["memory_budget"] // per_row))
 
-    def _chunked_backward(self, n: BoundNode, n_rows: int, rows_A0, values, lower: bool, upper: bool):
+    def _chunked_backward(self, n: BoundNode, n_rows: int, rows_A0, values, lower: bool, upper: bool,
+                          alphas: Optional[dict] = None):
         """CROWN bounds of ``n_rows`` rows on node n, in chunks that fit the memory budget;
-        ``rows_A0(start, stop)`` gives the coefficients of rows start..stop-1."""
+        ``rows_A0(start, stop)`` gives the coefficients of rows start..stop-1.  ``alphas``: α-CROWN
+        slopes per relaxed node, (lower-side, upper-side) tensors with one row per row of n (or 1)."""
         v = values[n.name].value
         step = self._chunk_rows(n, values, v.shape[0], v.element_size())
         lbs, ubs = [], []
         for s in range(0, n_rows, step):
-            lb, ub = self._backward(n, rows_A0(s, min(s + step, n_rows)), values, lower, upper)
+            e = min(s + step, n_rows)
+            chunk = None
+            if alphas:
+                chunk = {k: tuple(a if a is None or a.shape[1] == 1 else a[:, s:e] for a in pair)
+                         for k, pair in alphas.items()}
+            lb, ub = self._backward(n, rows_A0(s, e), values, lower, upper, chunk)
             lbs.append(lb)
             ubs.append(ub)
         return (torch.cat(lbs, 1) if lower else None), (torch.cat(ubs, 1) if upper else None)
 
-    def _backward_rows(self, n: BoundNode, rows: Tensor, values, lower=True, upper=True):
+    def _backward_rows(self, n: BoundNode, rows: Tensor, values, lower=True, upper=True, alphas=None):
         """CROWN bounds of the given flat neurons of node n (identity rows)."""
         v = values[n.name].value
         B, shape = v.shape[0], tuple(v.shape[1:])
@@ -412,10 +437,12 @@ class BoundedModule(nn.Module):
             A0[:, torch.arange(r.numel(), device=v.device), r] = 1.0
             return A0.view(B, r.numel(), *shape)
 
-        return self._chunked_backward(n, rows.numel(), identity, values, lower, upper)
+        return self._chunked_backward(n, rows.numel(), identity, values, lower, upper, alphas)
 
-    def _backward(self, start: BoundNode, A0: LinearA, values: dict[str, Value], lower: bool, upper: bool):
-        """Propagate linear bounds A0 on ``start`` back to the inputs and concretize them."""
+    def _backward(self, start: BoundNode, A0: LinearA, values: dict[str, Value], lower: bool, upper: bool,
+                  alphas: Optional[dict] = None):
+        """Propagate linear bounds A0 on ``start`` back to the inputs and concretize them; relaxed
+        nodes named in ``alphas`` use those lower-line slopes (α-CROWN) instead of their default."""
         acc: dict[str, list] = {start.name: [A0 if lower else None, A0 if upper else None]}
         ref = values[start.name].value
         zero = ref.new_zeros(ref.shape[0], A0.n_rows if isinstance(A0, Patches) else A0.shape[1])
@@ -438,7 +465,11 @@ class BoundedModule(nn.Module):
                 la = to_dense(la) if la is not None else None
                 ua = la if same else (to_dense(ua) if ua is not None else None)
             args, kwargs = self._args(n, values, raw=False)
-            res, lbias, ubias = n.op.backward(la, ua, *args, **kwargs)
+            alpha = alphas.get(n.name) if alphas else None
+            if alpha is not None:
+                res, lbias, ubias = n.op.backward_alpha(la, ua, alpha, *args, **kwargs)
+            else:
+                res, lbias, ubias = n.op.backward(la, ua, *args, **kwargs)
             lb = lb + lbias
             ub = ub + ubias
             for inp, la_i, ua_i in res:
@@ -465,15 +496,22 @@ class BoundedModule(nn.Module):
                 return A.to_dense()
         return A
 
-    def _crown_output(self, final: Value, C: Optional[Tensor], values, lower: bool, upper: bool):
+    def _spec(self, final: Value, C: Optional[Tensor]) -> Tensor:
+        """The specification rows (B, n_spec, n_out); the identity when C is None."""
+        if C is not None:
+            return C
         out = final.value
-        B = out.shape[0]
-        if C is None:
-            n_out = math.prod(self._output_shape)
-            C = torch.eye(n_out, dtype=out.dtype, device=out.device).expand(B, n_out, n_out)
+        n_out = math.prod(self._output_shape)
+        return torch.eye(n_out, dtype=out.dtype, device=out.device).expand(out.shape[0], n_out, n_out)
+
+    def _crown_output(self, final: Value, C: Optional[Tensor], values, lower: bool, upper: bool,
+                      alphas: Optional[dict] = None):
+        C = self._spec(final, C)
+        B = C.shape[0]
         return self._chunked_backward(
             self._by_name[final.name], C.shape[1],
-            lambda start, stop: C[:, start:stop].reshape(B, -1, *self._output_shape), values, lower, upper)
+            lambda start, stop: C[:, start:stop].reshape(B, -1, *self._output_shape), values, lower, upper,
+            alphas)
 
     def _ibp_output(self, final: Value, C: Optional[Tensor], values: dict[str, Value]):
         if C is None:

@@ -7,7 +7,7 @@ negative coefficients take the other line.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -28,12 +28,19 @@ def relax_backward(lA: Optional[LinearA], uA: Optional[LinearA], dl: Tensor, bl:
     if A is None:
         return None, 0, None, 0
     parts = [dl, du] + [b for b in (bl, bu) if b is not None]
+    # A part may carry its own row dimension (B, N, *node): α-CROWN's per-specification slopes.
+    per_row = len({p.dim() for p in parts}) > 1
+    if per_row and isinstance(A, Patches):
+        lA = lA.to_dense() if isinstance(lA, Patches) else lA
+        uA = uA.to_dense() if isinstance(uA, Patches) else uA
+        A = lA if lA is not None else uA
+    ndim = A.dim() if not isinstance(A, Patches) else None
     if isinstance(A, Patches):
         # One gather of all the per-neuron lines into the rows' windows.
         ext = A.extract(torch.cat([p.expand_as(dl) for p in parts], 1))
         parts = list(ext.chunk(len(parts), dim=2))
     else:
-        parts = [p.unsqueeze(1) for p in parts]
+        parts = [p if p.dim() == ndim else p.unsqueeze(1) for p in parts]
     dl, du = parts[0], parts[1]
     rest = parts[2:]
     bl = rest.pop(0) if bl is not None else None
@@ -67,6 +74,9 @@ class ElementwiseRelaxOp(BoundOp):
 
     supports_patches = True
     relaxed_inputs = (0,)
+    #: Ops whose lower line on unstable neurons is a line through the origin with any slope in
+    #: this range (ReLU: [0, 1]) set it; α-CROWN then optimizes that slope (Xu et al. 2021).
+    alpha_range: ClassVar[Optional[tuple[float, float]]] = None
 
     def fn(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -81,4 +91,31 @@ class ElementwiseRelaxOp(BoundOp):
     def backward(self, lA, uA, x, *args, **kwargs):
         dl, bl, du, bu = self.relax(*x.bounds)
         nl, lbias, nu, ubias = relax_backward(lA, uA, dl, bl, du, bu)
+        return [(x, nl, nu)], lbias, ubias
+
+    def unstable(self, l: Tensor, u: Tensor) -> Tensor:
+        """Neurons whose lower line is free (α-CROWN's variables)."""
+        return (l < 0) & (u > 0)
+
+    def backward_alpha(self, lA, uA, alpha: tuple[Optional[Tensor], Optional[Tensor]], x, *args, **kwargs):
+        """Backward with the lower-line slope of unstable neurons given by ``alpha`` = (slopes for
+        the lower bound's rows, slopes for the upper bound's rows), each (B, N or 1, *node_shape)
+        in ``alpha_range``: any such slope gives a valid lower line, so every α is sound
+        (α-CROWN, Xu et al. 2021, Sec. 3.1)."""
+        l, u = x.bounds
+        dl, bl, du, bu = self.relax(l, u)
+        unst = self.unstable(l, u)
+
+        def slope(a):
+            if a is None:
+                return dl
+            if a.shape[1] == 1:  # one slope per neuron, shared by every row (keeps Patches)
+                return torch.where(unst, a.squeeze(1), dl)
+            return torch.where(unst.unsqueeze(1), a, dl.unsqueeze(1))
+
+        nl, lbias, nu, ubias = None, 0, None, 0
+        if lA is not None:
+            nl, lbias, _, _ = relax_backward(lA, None, slope(alpha[0]), bl, du, bu)
+        if uA is not None:
+            _, _, nu, ubias = relax_backward(None, uA, slope(alpha[1]), bl, du, bu)
         return [(x, nl, nu)], lbias, ubias

@@ -27,6 +27,7 @@ def _lower_slope(mode: str, l, u, chord, low: float):
 @register_op("ReLU")
 class BoundReLU(ElementwiseRelaxOp):
     targets = (nn.ReLU, F.relu, torch.relu, "method:relu")
+    alpha_range = (0.0, 1.0)
 
     def fn(self, x):
         return torch.relu(x)
@@ -50,6 +51,11 @@ class BoundReLU(ElementwiseRelaxOp):
 @register_op("LeakyReLU")
 class BoundLeakyReLU(ElementwiseRelaxOp):
     targets = (nn.LeakyReLU, F.leaky_relu)
+
+    @property
+    def alpha_range(self) -> tuple[float, float]:
+        # f(x) = max(x, a x) is convex: a line k x through the origin is below it iff a <= k <= 1.
+        return (self.slope, 1.0)
 
     @property
     def slope(self) -> float:

@@ -1,0 +1,168 @@
+"""α-CROWN: CROWN with the lower-line slopes of unstable ReLUs optimized by gradient steps.
+
+CROWN's lower line of an unstable ReLU (l < 0 < u) is ``α·x`` for a fixed α in [0, 1] (adaptive:
+1 if u > -l else 0).  *Every* α in [0, 1] gives a valid line, hence a sound bound, so the bound
+is a function of α that can be maximised (lower bound) or minimised (upper bound) by projected
+gradient steps (Xu et al. 2021, "Fast and Complete", Sec. 3.1; auto_LiRPA's ``CROWN-Optimized``).
+α is free per neuron *and* per specification row, and separately for the lower and the upper
+bound, because each row's bound is its own optimization problem.
+
+Soundness does not depend on the optimizer: α is projected onto the op's ``alpha_range`` after
+every step, and the bound returned is one actually evaluated at such an α.  Starting from CROWN's
+own slopes and keeping the best iterate makes the result never looser than CROWN.
+
+With ``optimize_intermediate`` the bounds of the intermediate (pre-activation) layers are
+recomputed by CROWN in every iteration with their own α (one slope per neuron, shared by the rows
+of each intermediate layer), so tighter intermediate bounds tighten the output bound too.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .module import BoundedModule
+
+DEFAULT_ALPHA_OPTS: dict[str, Any] = {
+    "iteration": 20,               # gradient steps (auto_LiRPA's default)
+    "lr_alpha": 0.5,               # Adam learning rate on α
+    "lr_decay": 0.98,              # learning rate × lr_decay after every step
+    "keep_best": True,             # return the best bound seen (never looser than CROWN)
+    "optimize_intermediate": False,  # also optimize the α of the intermediate layers' bounds
+}
+
+
+def check_alpha_opts(opts: Optional[Mapping[str, Any]], base: Optional[Mapping[str, Any]] = None) -> dict:
+    """``base`` (default: `DEFAULT_ALPHA_OPTS`) updated by ``opts``; ValueError naming a bad key or value."""
+    out = dict(DEFAULT_ALPHA_OPTS if base is None else base)
+    for k, v in dict(opts or {}).items():
+        if k not in DEFAULT_ALPHA_OPTS:
+            raise ValueError(f"unknown optimize_bound_args key {k!r}; available: {', '.join(DEFAULT_ALPHA_OPTS)}")
+        out[k] = v
+    it = out["iteration"]
+    if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+        raise ValueError(f"optimize_bound_args iteration must be an integer >= 0, got {it!r}")
+    for k in ("lr_alpha", "lr_decay"):
+        v = out[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"optimize_bound_args {k} must be a positive number, got {v!r}")
+    for k in ("keep_best", "optimize_intermediate"):
+        if not isinstance(out[k], bool):
+            raise ValueError(f"optimize_bound_args {k} must be true or false, got {out[k]!r}")
+    return out
+
+
+def _optimizable(net: "BoundedModule", values) -> list:
+    """Relaxed nodes with a free lower slope and at least one unstable neuron."""
+    out = []
+    for n in net._nodes:
+        if n.op is None or getattr(n.op, "alpha_range", None) is None:
+            continue
+        v = values.get(n.name)
+        if v is None or not v.perturbed:
+            continue
+        l, u = values[n.inputs[0]].bounds
+        if bool(n.op.unstable(l, u).any()):
+            out.append(n)
+    return out
+
+
+def _init_alpha(n, values, rows: int, lower: bool, upper: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """CROWN's own lower slopes as the starting point, (B, rows, *node_shape) per side."""
+    l, u = (t.detach() for t in values[n.inputs[0]].bounds)
+    lo, hi = n.op.alpha_range
+    dl = n.op.relax(l, u)[0].detach().clamp(lo, hi)
+    init = dl.unsqueeze(1).expand(dl.shape[0], rows, *dl.shape[1:])
+    return (init.clone().requires_grad_(True) if lower else None,
+            init.clone().requires_grad_(True) if upper else None)
+
+
+def optimized_bounds(net: "BoundedModule", values, final, C: Optional[Tensor], lower: bool, upper: bool,
+                     opts: Mapping[str, Any]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """α-CROWN bounds of ``C @ final``; ``values`` hold CROWN intermediate bounds already."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("alpha-CROWN optimizes its slopes by gradient steps, which inference mode forbids: "
+                           "call compute_bounds under torch.no_grad() instead of torch.inference_mode()")
+    grad_wanted = torch.is_grad_enabled()
+    C = net._spec(final, C)
+    S = C.shape[1]
+    iters, keep_best = int(opts["iteration"]), bool(opts["keep_best"])
+    inter = bool(opts["optimize_intermediate"])
+
+    nodes = _optimizable(net, values)
+    alphas = {n.name: _init_alpha(n, values, S, lower, upper) for n in nodes}
+    # Intermediate layers: one α per neuron (shared by the rows of that layer, which keeps their
+    # convolution-shaped Patches), per start node and side, for every relaxed node before it.
+    inter_alphas: dict[str, dict] = {}
+    if inter:
+        order = {n.name: i for i, n in enumerate(net._nodes)}
+        for s in net._needs_bounds(values):
+            inter_alphas[s] = {n.name: _init_alpha(n, values, 1, True, True) for n in nodes
+                               if order[n.name] < order[s]}
+    params = [a for pair in alphas.values() for a in pair if a is not None]
+    params += [a for d in inter_alphas.values() for pair in d.values() for a in pair if a is not None]
+    if not params or iters == 0:
+        return net._crown_output(final, C, values, lower, upper)
+
+    ranges = {n.name: n.op.alpha_range for n in nodes}
+    opt = torch.optim.Adam(params, lr=float(opts["lr_alpha"]))
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, float(opts["lr_decay"]))
+    best_l = best_u = None
+    best_alpha = {k: [None if a is None else a.detach().clone() for a in pair] for k, pair in alphas.items()}
+    lb = ub = None
+    with torch.enable_grad():
+        for it in range(iters + (0 if keep_best else 1)):
+            if inter:
+                net._intervals(values, refine=True, alphas=inter_alphas)
+            lb, ub = net._crown_output(final, C, values, lower, upper, alphas)
+            with torch.no_grad():
+                if lower:
+                    better = torch.ones_like(lb, dtype=torch.bool) if best_l is None else lb > best_l
+                    best_l = lb.detach().clone() if best_l is None else torch.where(better, lb.detach(), best_l)
+                    for k, pair in alphas.items():
+                        best_alpha[k][0][better] = pair[0].detach()[better]
+                if upper:
+                    better = torch.ones_like(ub, dtype=torch.bool) if best_u is None else ub < best_u
+                    best_u = ub.detach().clone() if best_u is None else torch.where(better, ub.detach(), best_u)
+                    for k, pair in alphas.items():
+                        best_alpha[k][1][better] = pair[1].detach()[better]
+            if it == iters:  # keep_best=False: this was the evaluation at the final α
+                break
+            loss = (-lb.sum() if lower else 0) + (ub.sum() if upper else 0)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            opt.zero_grad(set_to_none=True)
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
+            sched.step()
+            with torch.no_grad():  # project onto the valid slopes
+                for k, pair in alphas.items():
+                    for a in pair:
+                        if a is not None:
+                            a.clamp_(*ranges[k])
+                for d in inter_alphas.values():
+                    for k, pair in d.items():
+                        for a in pair:
+                            if a is not None:
+                                a.clamp_(*ranges[k])
+
+    if not keep_best:
+        if not grad_wanted:
+            lb, ub = (None if lb is None else lb.detach()), (None if ub is None else ub.detach())
+        return lb, ub
+    if inter:
+        # Rows share the intermediate α, so the best bound of each row may come from another
+        # iteration than the last: return the best, with gradients where the last one is best.
+        if grad_wanted:
+            return (None if not lower else torch.maximum(lb, best_l)), (None if not upper else torch.minimum(ub, best_u))
+        return best_l, best_u
+    if not grad_wanted:
+        return best_l, best_u
+    # Each row's bound depends only on its own α: re-evaluating at the best α reproduces the best
+    # bound, now differentiable w.r.t. the model and the input.
+    fixed = {k: tuple(a for a in pair) for k, pair in best_alpha.items()}
+    lb, ub = net._crown_output(final, C, values, lower, upper, fixed)
+    return lb, ub
