@@ -17,13 +17,14 @@ def _pgd_label(points: Sequence[Mapping[str, Any]]) -> str:
     for p in points:
         if p["eps"] > 0:
             groups.setdefault((p["pgd_steps"], p["pgd_restarts"]), []).append(p["eps"])
+    attack = lambda s, r: f"{s} steps × {r} restart{'' if r == 1 else 's'}"  # noqa: E731
     if len(groups) <= 1:
         (s, r), = groups or {(0, 1): []}
-        return f"PGD, {s} steps × {r} restart{'s' if r != 1 else ''} (upper bound)"
+        return f"PGD, {attack(s, r)} (upper bound)"
     main = max(groups, key=lambda k: len(groups[k]))
-    rest = "; ".join(f"{s} × {r} at ε = {', '.join(f'{e:g}' for e in es)}"
+    rest = "; ".join(f"{attack(s, r)} at ε = {', '.join(f'{e:g}' for e in es)}"
                      for (s, r), es in groups.items() if (s, r) != main)
-    return f"PGD, {main[0]} steps × {main[1]} restarts; {rest} (upper bound)"
+    return f"PGD, {attack(*main)}; {rest} (upper bound)"
 
 
 def plot_accuracy_vs_eps(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, title: str,
