@@ -1,12 +1,23 @@
 """Certified-training step benchmark: natural, IBP, CROWN-IBP and CROWN-IBP + loss fusion
-training steps side by side, plus verification throughput.
+training steps side by side, the fast IBP paths next to the reference one, plus verification
+throughput.
 
     python scripts/bench.py [--device cuda|cpu] [--out DIR] [--models ...] [--shapes ...]
 
 One training step = forward, bounds, loss, backward, Adam step. Median over --reps steps after
---warmup steps; on CUDA timed with CUDA events, TF32 off. The ratio is to the natural step of the
-same model, shape and batch. Verification: images/s of IBP, CROWN-IBP and CROWN lower bounds of
-the 9 (K-1) margins under torch.no_grad(). Writes DIR/bench.md and DIR/bench.json.
+--warmup steps (at least one: the first call of a compiled path compiles); on CUDA timed with CUDA
+events, TF32 off. The ratio is to the (eager) natural step of the same model, shape and batch.
+
+Steps: "IBP" is the engine's reference path (clean pass + interval walk, ``ibp_skip_clean=False``);
+"IBP+compile" the generated IBP program compiled by torch.compile (``ibp_compile``, backend
+--compile-backend); optional extras: "natural+compile" (torch.compile'd model), "IBP+compile+bf16"
+(``ibp_autocast="bfloat16"``), "IBP+compile+cudagraphs" (CUDA only).  --channels-last puts conv
+models and inputs in channels_last memory format for every step.  Before a fast path is timed its
+bound is compared with the reference path's on the same batch (column "max rel. diff").
+
+Verification: images/s of lower bounds of the 9 (K-1) margins under torch.no_grad() on CNN-7-BN
+at CIFAR shape: "IBP-ref" (reference path), "IBP" (the default: no clean pass), "IBP+compile",
+"CROWN-IBP", "CROWN".  Writes DIR/bench.md and DIR/bench.json.
 """
 from __future__ import annotations
 
@@ -32,30 +43,34 @@ from models import cnn_7layer_bn, densenet, mlp, resnext, wide_resnet  # noqa: E
 MODELS = {"MLP": mlp, "CNN-7-BN": cnn_7layer_bn, "ResNeXt": resnext, "DenseNet": densenet,
           "WideResNet": wide_resnet}
 SHAPES = {"MNIST": ((1, 28, 28), 10), "CIFAR": ((3, 32, 32), 10), "TinyImageNet": ((3, 64, 64), 200)}
-STEPS = ["natural", "IBP", "CROWN-IBP", "CROWN-IBP+fusion"]
+STEPS = ["natural", "IBP", "IBP+compile", "CROWN-IBP", "CROWN-IBP+fusion"]
+EXTRA_STEPS = ["natural+compile", "IBP+compile+bf16", "IBP+compile+cudagraphs"]
+VERIFY = ["IBP-ref", "IBP", "IBP+compile", "CROWN-IBP", "CROWN"]
+REFERENCE = {"ibp_skip_clean": False}  # the engine's reference IBP path
 
 
 class Timer:
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.first = 0.0  # seconds of the first call of the last measurement (compilation included)
+
+    def once(self, fn) -> float:
+        if self.cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            return a.elapsed_time(b) / 1e3
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
 
     def __call__(self, fn, warmup: int, reps: int) -> float:
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b) / 1e3)
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        self.first = self.once(fn)
+        for _ in range(warmup - 1):
+            self.once(fn)
+        return statistics.median(self.once(fn) for _ in range(reps))
 
 
 def peak_reset(device):
@@ -70,17 +85,39 @@ def peak_gb(device) -> float:
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1e6
 
 
-def training_step(kind: str, model, x, y, num_classes, eps):
+def fast_opts(kind: str, args) -> dict:
+    """bound_opts of a fast IBP path (see certtrain.bounds.fast_ibp)."""
+    opts: dict = {}
+    if "compile" in kind:
+        opts["ibp_compile"] = {"backend": args.compile_backend}
+    if "bf16" in kind:
+        opts["ibp_autocast"] = "bfloat16"
+    if "cudagraphs" in kind:
+        opts["ibp_cuda_graphs"] = True
+    if args.channels_last:
+        opts["ibp_channels_last"] = True
+    return opts
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|: how far a fast path's bound is from the reference's."""
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def training_step(kind: str, model, x, y, num_classes, eps, args):
     """A closure running one training step of the given kind (the CertifiedModule recipe with
-    κ = 0.5 natural weight; CROWN-IBP with β = 1)."""
+    κ = 0.5 natural weight; CROWN-IBP with β = 1), and for a fast IBP path the relative difference
+    of its bound from the reference path's on this batch (None otherwise)."""
     opt = torch.optim.Adam(model.parameters(), 1e-4)
     ptb = PerturbationLpNorm(norm=math.inf, eps=eps, x_L=0.0, x_U=1.0)
-    if kind == "natural":
+    if kind.startswith("natural"):
+        run = torch.compile(model, backend=args.compile_backend) if kind == "natural+compile" else model
+
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(run(x), y).backward()
             opt.step()
-        return step
+        return step, None
     if kind == "CROWN-IBP+fusion":
         oh = one_hot(y, num_classes, x)
         net = BoundedModule(CrossEntropyBound(model), (x[:1], oh[:1]))
@@ -91,18 +128,38 @@ def training_step(kind: str, model, x, y, num_classes, eps):
             _, ub = net.compute_bounds(x=(BoundedTensor(x, ptb), oh), method="CROWN-IBP", bound_lower=False)
             (0.5 * nat + 0.5 * ub.mean()).backward()
             opt.step()
-        return step
-    net = BoundedModule(model, x[:1])
+        return step, None
     C = margin_spec(y, num_classes).to(x)
-    method = "IBP" if kind == "IBP" else "CROWN-IBP"
+    method = "CROWN-IBP" if kind == "CROWN-IBP" else "IBP"
+    net = BoundedModule(model, x[:1], bound_opts=fast_opts(kind, args) if kind.startswith("IBP+") else REFERENCE)
+
+    def bound():
+        nat = F.cross_entropy(net(x), y)  # the engine reuses this forward pass for the bounds
+        lb, _ = net.compute_bounds(x=(BoundedTensor(x, ptb),), C=C, method=method, bound_upper=False)
+        return nat, lb
 
     def step():
         opt.zero_grad(set_to_none=True)
-        nat = F.cross_entropy(net(x), y)  # the engine reuses this forward pass for the bounds
-        lb, _ = net.compute_bounds(x=(BoundedTensor(x, ptb),), C=C, method=method, bound_upper=False)
+        nat, lb = bound()
         (0.5 * nat + 0.5 * robust_ce(lb)).backward()
         opt.step()
-    return step
+
+    diff = None
+    if kind.startswith("IBP+"):
+        ref = BoundedModule(model, x[:1], bound_opts=REFERENCE)
+        ref(x)
+        lb_ref, _ = ref.compute_bounds(x=(BoundedTensor(x, ptb),), C=C, method="IBP", bound_upper=False)
+        diff = rel_diff(bound()[1].detach(), lb_ref.detach())
+    return step, diff
+
+
+def verification_call(method: str, model, x, C, eps, args):
+    """A closure computing the lower margin bounds by one verification method."""
+    kind = "IBP" if method in ("IBP-ref", "IBP+compile") else method
+    opts = REFERENCE if method == "IBP-ref" else fast_opts(method, args) if method == "IBP+compile" else {}
+    net = BoundedModule(model, x[:1], bound_opts=opts)
+    bx = BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=eps, x_L=0.0, x_U=1.0))
+    return lambda: net.compute_bounds(x=(bx,), C=C, method=kind, bound_upper=False)[0]
 
 
 def main(argv=None) -> int:
@@ -111,20 +168,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS)
+    p.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS + EXTRA_STEPS)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--eps", type=float, default=2 / 255)
-    p.add_argument("--verify", nargs="*", default=["IBP", "CROWN-IBP", "CROWN"],
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the +compile paths")
+    p.add_argument("--channels-last", action="store_true",
+                   help="conv models and inputs in channels_last memory format (every step)")
+    p.add_argument("--verify", nargs="*", default=VERIFY, choices=VERIFY,
                    help="verification methods whose throughput is measured (CNN-7-BN, CIFAR shape)")
-    p.add_argument("--verify-batch", nargs="+", type=int, default=[128, 128, 1])
+    p.add_argument("--verify-batch", nargs="+", type=int, default=[128, 128, 128, 128, 1],
+                   help="one batch size per --verify method (or one for all)")
     args = p.parse_args(argv)
+    if len(args.verify_batch) not in (1, len(args.verify)):
+        p.error(f"--verify-batch needs 1 or {len(args.verify)} values (one per --verify method)")
+    if args.warmup < 1:
+        p.error("--warmup must be >= 1 (the first call of a compiled path compiles)")
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     timer = Timer(device)
-    rows, results = [], []
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    rows, checks, results = [], [], []
     header = ("| model | shape | batch | " + " | ".join(args.steps) + " |\n|---|---|---:|" +
               "---:|" * len(args.steps))
     print(header, flush=True)
@@ -134,11 +200,14 @@ def main(argv=None) -> int:
             cells, nat = [], None
             for kind in args.steps:
                 torch.manual_seed(0)
-                model = MODELS[mname](in_shape=shape, num_classes=k).to(device).train()
-                x = torch.rand(args.batch, *shape, device=device)
+                model = MODELS[mname](in_shape=shape, num_classes=k).to(device, memory_format=fmt).train()
+                x = torch.rand(args.batch, *shape, device=device).contiguous(memory_format=fmt)
                 y = torch.randint(0, k, (args.batch,), device=device)
+                if "cudagraphs" in kind and device.type != "cuda":
+                    cells.append("n/a (CUDA only)")
+                    continue
                 try:
-                    step = training_step(kind, model, x, y, k, args.eps)
+                    step, diff = training_step(kind, model, x, y, k, args.eps, args)
                     peak_reset(device)
                     t = timer(step, args.warmup, args.reps)
                     mem = peak_gb(device)
@@ -150,41 +219,62 @@ def main(argv=None) -> int:
                 ratio = f" ({t / nat:.1f}x)" if nat and kind != "natural" else ""
                 cells.append(f"{t * 1e3:.1f} ms{ratio}, {mem:.1f} GB")
                 results.append({"model": mname, "shape": sname, "batch": args.batch, "step": kind,
-                                "median_s": t, "ratio_to_natural": t / nat if nat else None, "peak_gb": mem})
+                                "median_s": t, "ratio_to_natural": t / nat if nat else None, "peak_gb": mem,
+                                "first_call_s": timer.first, "max_rel_diff_vs_reference": diff})
+                if diff is not None or "compile" in kind:
+                    checks.append(f"| {mname} | {kind} | {timer.first:.1f} s | "
+                                  f"{'-' if diff is None else f'{diff:.1e}'} |")
                 del model, step
             row = f"| {mname} | {sname} | {args.batch} | " + " | ".join(cells) + " |"
             rows.append(row)
             print(row, flush=True)
     vrows = []
     shape, k = SHAPES["CIFAR"]
-    for method, b in zip(args.verify, args.verify_batch):
+    ref_lb = {}
+    for method, b in zip(args.verify, args.verify_batch * len(args.verify) if len(args.verify_batch) == 1
+                         else args.verify_batch):
         torch.manual_seed(0)
-        model = cnn_7layer_bn(in_shape=shape, num_classes=k).to(device).eval()
-        x = torch.rand(b, *shape, device=device)
+        model = cnn_7layer_bn(in_shape=shape, num_classes=k).to(device, memory_format=fmt).eval()
+        x = torch.rand(b, *shape, device=device).contiguous(memory_format=fmt)
         y = torch.randint(0, k, (b,), device=device)
-        net = BoundedModule(model, x[:1])
         C = margin_spec(y, k).to(x)
-        bx = BoundedTensor(x, PerturbationLpNorm(norm=math.inf, eps=args.eps, x_L=0.0, x_U=1.0))
         with torch.no_grad():
+            call = verification_call(method, model, x, C, args.eps, args)
             peak_reset(device)
             reps = 3 if method == "CROWN" else max(3, args.reps // 5)
-            t = timer(lambda: net.compute_bounds(x=(bx,), C=C, method=method, bound_upper=False), 1, reps)
+            t = timer(call, 1, reps)
+            first = timer.first
             tf = timer(lambda: model(x), 2, reps)
             mem = peak_gb(device)
-        vrows.append(f"| {method} | {b} | {t * 1e3:.1f} ms | {b / t:.0f} | {t / tf:.1f}x | {mem:.2f} GB |")
+            diff = None
+            if method.startswith("IBP"):
+                lb = call()
+                if b not in ref_lb:
+                    ref_lb[b] = verification_call("IBP-ref", model, x, C, args.eps, args)()
+                diff = rel_diff(lb, ref_lb[b])
+        vrows.append(f"| {method} | {b} | {t * 1e3:.1f} ms | {b / t:.0f} | {t / tf:.1f}x | {mem:.2f} GB | "
+                     f"{first:.1f} s | {'-' if diff is None else f'{diff:.1e}'} |")
         results.append({"verify": method, "batch": b, "median_s": t, "images_per_s": b / t,
-                        "ratio_to_forward": t / tf, "peak_gb": mem})
+                        "ratio_to_forward": t / tf, "peak_gb": mem, "first_call_s": first,
+                        "max_rel_diff_vs_reference": diff})
         print(vrows[-1], flush=True)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    layout = ", channels_last" if args.channels_last else ""
     md = (f"Training steps (median of {args.reps} after {args.warmup} warm-up; ratio to natural), "
-          f"eps={args.eps:.4g}, {machine}, torch {torch.__version__}\n\n{header}\n" + "\n".join(rows) +
+          f"eps={args.eps:.4g}, {machine}, torch {torch.__version__}{layout}, compile backend "
+          f"{args.compile_backend}\n\n{header}\n" + "\n".join(rows) +
+          "\n\nFast paths: first step (compilation included) and the bound's max relative difference "
+          "from the reference path on the same batch\n\n| model | step | first step | max rel. diff |\n"
+          "|---|---|---:|---:|\n" + "\n".join(checks) +
           "\n\nVerification, CNN-7-BN at CIFAR shape, 9 margin specs, lower bounds\n\n"
-          "| method | batch | time | images/s | ratio to forward | peak memory |\n|---|---:|---:|---:|---:|---:|\n" +
-          "\n".join(vrows) + "\n")
+          "| method | batch | time | images/s | ratio to forward | peak memory | first call | max rel. diff |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---:|\n" + "\n".join(vrows) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.md").write_text(md)
     (args.out / "bench.json").write_text(json.dumps({"machine": machine, "torch": torch.__version__,
+                                                     "channels_last": args.channels_last,
+                                                     "compile_backend": args.compile_backend,
                                                      "results": results}, indent=1))
     print(f"\nwrote {args.out / 'bench.md'} and {args.out / 'bench.json'}")
     return 0
