@@ -86,7 +86,7 @@ def peak_gb(device) -> float:
 
 
 def fast_opts(kind: str, args) -> dict:
-    """bound_opts of a fast IBP path (see certtrain.bounds.fast_ibp)."""
+    """bound_opts of a fast IBP path (see certtrain.bounds.ibp_program)."""
     opts: dict = {}
     if "compile" in kind:
         opts["ibp_compile"] = {"backend": args.compile_backend}

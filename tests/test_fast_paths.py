@@ -1,4 +1,4 @@
-"""Fast IBP paths (certtrain.bounds.fast_ibp) against the reference path (``ibp_skip_clean=False``):
+"""Fast IBP paths (certtrain.bounds.ibp_program) against the reference path (``ibp_skip_clean=False``):
 the generated program without the clean forward pass and its torch.compile'd form give the same
 bounds and parameter gradients, never reuse a stale compiled graph, and stay sound.
 
@@ -21,7 +21,7 @@ from torch import nn
 import models
 from bound_checks import assert_sound
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm, UnsupportedOperation
-from certtrain.bounds.fast_ibp import compile_ibp, ibp_program_source, program_supported
+from certtrain.bounds.ibp_program import compile_ibp, ibp_program_source, program_supported
 from certtrain.loss_fusion import CrossEntropyBound, one_hot
 from op_models import ActivationsMLP, ExpLogMLP, OpsCNN, TrainBNResNet, randomize_bn
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .alpha_crown import DEFAULT_ALPHA_OPTS, check_alpha_opts, optimized_bounds
-from .fast_ibp import FAST_IBP_OPTS, fast_ibp_bounds
+from .ibp_program import IBP_PROGRAM_OPTS, ibp_program_bounds
 from .graph import BoundNode, attach_op, build_nodes, fetch_attr, trace
 from .ops.base import Value
 from .ops.linear import BoundLinear
@@ -45,7 +45,7 @@ DEFAULT_OPTS = {
     "memory_budget": 1 << 30,     # bytes of CROWN coefficients per chunk of rows
     "sparse_intermediate_bounds": True,  # CROWN only for neurons whose relaxation they change
     "optimize_bound_args": dict(DEFAULT_ALPHA_OPTS),  # alpha-CROWN (see certtrain.bounds.alpha_crown)
-    **FAST_IBP_OPTS,              # fast IBP paths: ibp_skip_clean, ibp_compile, ... (certtrain.bounds.fast_ibp)
+    **IBP_PROGRAM_OPTS,           # fast IBP paths: ibp_skip_clean, ibp_compile, ... (certtrain.bounds.ibp_program)
 }
 _OPT_ALIASES = {"activation_bound_option": "relu"}
 _RELU_ALIASES = {"zero-lb": "zero"}
@@ -301,8 +301,8 @@ class BoundedModule(nn.Module):
         inputs, ptbs = self._check_inputs(x)
         batch = inputs[0].shape[0]
         C = self._check_C(C, batch, inputs[0])
-        if method == "IBP":  # no clean pass where none is needed; compiled program (fast_ibp)
-            fast = fast_ibp_bounds(self, inputs, ptbs, C, bound_lower, bound_upper, keep_intermediate)
+        if method == "IBP":  # no clean pass where none is needed; compiled program (ibp_program)
+            fast = ibp_program_bounds(self, inputs, ptbs, C, bound_lower, bound_upper, keep_intermediate)
             if fast is not None:
                 return fast
         perturbed = [p is not None for p in ptbs]

@@ -79,10 +79,10 @@ from .perturbations import Perturbation
 if TYPE_CHECKING:  # pragma: no cover
     from .module import BoundedModule
 
-__all__ = ["FAST_IBP_OPTS", "fast_ibp_bounds", "ibp_program_source", "compile_ibp", "program_supported"]
+__all__ = ["IBP_PROGRAM_OPTS", "ibp_program_bounds", "ibp_program_source", "compile_ibp", "program_supported"]
 
 #: The options of this module and their defaults (merged into `certtrain.bounds.DEFAULT_OPTS`).
-FAST_IBP_OPTS: dict[str, Any] = {
+IBP_PROGRAM_OPTS: dict[str, Any] = {
     "ibp_skip_clean": True,      # IBP without the clean forward pass where no BN needs its batch
     "ibp_compile": False,        # True or a dict of torch.compile arguments
     "ibp_channels_last": False,  # 4-d input boxes in channels_last memory format
@@ -297,7 +297,7 @@ class _Program:
                 entry = _AUDIT.get(type(n.op))
                 if entry is None:
                     raise _Unsupported(f"the rule {type(n.op).__name__} of node '{n.name}' is not audited "
-                                       "for clean-value reads (certtrain.bounds.fast_ibp._AUDIT)")
+                                       "for clean-value reads (certtrain.bounds.ibp_program._AUDIT)")
                 if _perturbed_elsewhere(n, entry[0], pert):
                     raise _Unsupported(f"node '{n.name}' has a perturbed input where its rule "
                                        f"{type(n.op).__name__} reads a clean value")
@@ -374,7 +374,7 @@ def _warn_once(state: _State, key: str, msg: str, stacklevel: int) -> None:
 
 
 def _flag(opts: Mapping, key: str) -> bool:
-    v = opts.get(key, FAST_IBP_OPTS[key])
+    v = opts.get(key, IBP_PROGRAM_OPTS[key])
     if not isinstance(v, bool):
         raise ValueError(f"bound_opts {key}={v!r}: use true or false")
     return v
@@ -443,7 +443,7 @@ def compile_ibp(net: "BoundedModule", **compile_kwargs) -> "BoundedModule":
 
 
 # ----------------------------------------------------------------------------------- entry point
-def fast_ibp_bounds(net: "BoundedModule", inputs: list[Tensor], ptbs: list[Optional[Perturbation]],
+def ibp_program_bounds(net: "BoundedModule", inputs: list[Tensor], ptbs: list[Optional[Perturbation]],
                     C: Optional[Tensor], bound_lower: bool, bound_upper: bool, keep_intermediate: bool
                     ) -> Optional[tuple[Optional[Tensor], Optional[Tensor]]]:
     """IBP bounds by the fast program, or None where the reference path must run (options off,
