@@ -284,6 +284,24 @@ def test_compiled_training_step_equals_reference(name):
     assert_same(r, f, 1e-5)
 
 
+@pytest.mark.parametrize("cls", [OpsCNN, TrainBNResNet, ExpLogMLP])
+def test_compiled_every_op(cls):
+    """Functional ops (whose rules read fx.Node.args), shape queries, cat, pooling, reductions:
+    still one graph, the reference's bounds and gradients."""
+    torch.manual_seed(0)
+    model = randomize_bn(cls()).train(cls is TrainBNResNet)
+    side = 4 if cls is ExpLogMLP else 8
+    x = torch.rand(3, 2, side, side)
+    counter = Counter()
+    fast = BoundedModule(model, x[:1], bound_opts={"ibp_compile": {"backend": counter}})
+    ref = BoundedModule(model, x[:1], bound_opts=REF)
+    C = torch.randn(3, 2, 5)
+    r = bounds_and_grads(ref, model, x, C)
+    f = bounds_and_grads(fast, model, x, C)
+    assert len(counter.graphs) == 1, "graph breaks in the IBP program"
+    assert_same(r, f, 1e-5)
+
+
 def test_compiled_never_serves_a_stale_graph():
     """After each change (ε, batch, parameters, mode, spec, dtype) the compiled bounds equal the
     reference's; a new ε or an optimizer step reuses the graph, a new mode or dtype does not."""
