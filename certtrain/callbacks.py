@@ -31,6 +31,14 @@ class VerifiedCheckpoint(ModelCheckpoint):
             return
         super()._save_topk_checkpoint(trainer, monitor_candidates)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # The parent writes last.ckpt only together with a top-k checkpoint, and there is none before
+        # ε reaches its target: without this, a run that dies during the ε ramp would leave nothing.
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
+                and self._should_save_on_train_epoch_end(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
         # the parent only writes last.ckpt when a top-k checkpoint was written at this step

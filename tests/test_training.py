@@ -256,3 +256,37 @@ def test_slurm_launcher_config_composes(tmp_path):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.partition == "gpu" and launcher.tasks_per_node == 1
+
+
+def test_last_checkpoint_every_epoch_during_the_eps_ramp(tmp_path):
+    """Before ε reaches its target there is no best checkpoint, but last.ckpt is written after
+    every epoch, so a run that dies mid-ramp loses at most one epoch."""
+    import pytorch_lightning as pl
+
+    import train
+
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")))
+
+    cfg = compose_cfg(tmp_path, [*FAST, "schedule.start=1", "schedule.length=5", "trainer.max_epochs=3", "test=false"])
+    prepared = train.setup(cfg)
+    import hydra.utils
+
+    orig = hydra.utils.instantiate
+
+    def with_probe(c, **kw):
+        if "callbacks" in kw:
+            kw["callbacks"] = [Probe(), *kw["callbacks"]]
+        return orig(c, **kw)
+
+    hydra.utils.instantiate = with_probe
+    try:
+        res = train.run(cfg, prepared)
+    finally:
+        hydra.utils.instantiate = orig
+    assert seen == [[], ["last.ckpt"], ["last.ckpt"]]
+    assert res["best_ckpt"] is None  # ε never reached its target
+    assert torch.load(res["last_ckpt"], map_location="cpu", weights_only=True)["epoch"] == 2
