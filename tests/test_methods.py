@@ -446,7 +446,7 @@ def test_short_fit_and_checkpoint_round_trip(tmp_path, method):
             assert bool(r.get("train/reg_loss")) == (w > 0)
         assert float(steps[0]["train/reg_weight"]) == 0.5 and float(steps[-1]["train/reg_weight"]) == 0.0
     # the checkpoint rebuilds the same module (options round-trip) for load_certified and verify.py
-    loaded = load_certified(res["last_ckpt"]).eval()
+    loaded = load_certified(res["test_ckpt"]).eval()  # trainer.test left these weights in the module
     trained = res["module"].cpu().eval()
     for attr in ("method", "eps", "eval_eps", "init", "reg_lambda", "reg_tau", "reg_terms", "l1", "lambda_ratio",
                  "alpha", "attack", "val_bounds"):
