@@ -56,6 +56,7 @@ from torch import Tensor, nn
 
 from .attacks import pgd_accuracy
 from .bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
+from .bounds.alpha_crown import check_alpha_opts
 from .losses import margin_spec
 
 __all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "VerificationResult", "accuracy_curve",
@@ -74,7 +75,7 @@ _ALIASES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown_ibp": "CROWN-IBP", "c
 #: per-sample verdicts (``VerificationResult.status``)
 STATUSES = ("verified", "not verified", "not attempted", "PGD-broken", "misclassified")
 #: α-CROWN options (the engine's ``optimize_bound_args``) and what each must be
-ALPHA_CROWN_OPTIONS = {"iteration": "an integer >= 1", "lr_alpha": "a number > 0", "lr_decay": "a number in (0, 1]",
+ALPHA_CROWN_OPTIONS = {"iteration": "an integer >= 1", "lr_alpha": "a positive number", "lr_decay": "a number in (0, 1]",
                        "keep_best": "true or false", "optimize_intermediate": "true or false"}
 
 
@@ -134,23 +135,17 @@ def parse_method_options(name: str, values: Mapping[str, Any] | None, *, integer
 
 
 def parse_alpha_crown_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """α-CROWN options (:data:`ALPHA_CROWN_OPTIONS`, None values dropped) → ``optimize_bound_args``."""
+    """α-CROWN options (:data:`ALPHA_CROWN_OPTIONS`, None values dropped) → ``optimize_bound_args``,
+    checked by the engine's own rules (plus iteration >= 1: a stage of 0 steps would be CROWN again)."""
     if options is None:
         return {}
     if not isinstance(options, Mapping):
         raise ValueError(f"alpha_crown must be a mapping of options ({', '.join(ALPHA_CROWN_OPTIONS)}), got {options!r}")
-    out: dict[str, Any] = {}
-    for k, v in options.items():
-        if k not in ALPHA_CROWN_OPTIONS:
-            raise ValueError(f"unknown alpha_crown option {k!r}; available: {', '.join(ALPHA_CROWN_OPTIONS)}")
-        if v is None:
-            continue
-        ok = {"iteration": isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-              "lr_alpha": _is_number(v) and v > 0,
-              "lr_decay": _is_number(v) and 0 < v <= 1}.get(k, isinstance(v, bool))
-        if not ok:
-            raise ValueError(f"alpha_crown.{k} must be {ALPHA_CROWN_OPTIONS[k]}, got {v!r}")
-        out[k] = v
+    out = {k: v for k, v in options.items() if v is not None}
+    check_alpha_opts(out, where="alpha_crown")
+    it = out.get("iteration")
+    if it is not None and it < 1:
+        raise ValueError(f"alpha_crown.iteration must be {ALPHA_CROWN_OPTIONS['iteration']}, got {it!r}")
     return out
 
 

@@ -268,20 +268,24 @@ def test_bf16_autocast_in_training_only():
 
 
 # ------------------------------------------------------------------ compiled
+def assert_compiled_is_one_graph_like_reference(model, x, C):
+    """The compiled program is one dynamo graph and gives the reference's bounds and gradients."""
+    counter = Counter()
+    fast = BoundedModule(model, x[:1], bound_opts={"ibp_compile": {"backend": counter}})
+    ref = BoundedModule(model, x[:1], bound_opts=REF)
+    r = bounds_and_grads(ref, model, x, C)
+    f = bounds_and_grads(fast, model, x, C)
+    assert len(counter.graphs) == 1, "graph breaks in the IBP program"
+    assert_same(r, f, 1e-5)
+
+
 @pytest.mark.parametrize("name", list(ZOO))
 def test_compiled_training_step_equals_reference(name):
     """The training case (train-mode BN, C, gradients) of every zoo model is one dynamo graph
     with the reference's bounds and gradients."""
     model = zoo(name).train()
     x = torch.rand(3, *SHAPE)
-    counter = Counter()
-    fast = BoundedModule(model, x[:1], bound_opts={"ibp_compile": {"backend": counter}})
-    ref = BoundedModule(model, x[:1], bound_opts=REF)
-    C = torch.randn(3, 9, 10)
-    r = bounds_and_grads(ref, model, x, C)
-    f = bounds_and_grads(fast, model, x, C)
-    assert len(counter.graphs) == 1, "graph breaks in the IBP program"
-    assert_same(r, f, 1e-5)
+    assert_compiled_is_one_graph_like_reference(model, x, torch.randn(3, 9, 10))
 
 
 @pytest.mark.parametrize("cls", [OpsCNN, TrainBNResNet, ExpLogMLP])
@@ -292,14 +296,7 @@ def test_compiled_every_op(cls):
     model = randomize_bn(cls()).train(cls is TrainBNResNet)
     side = 4 if cls is ExpLogMLP else 8
     x = torch.rand(3, 2, side, side)
-    counter = Counter()
-    fast = BoundedModule(model, x[:1], bound_opts={"ibp_compile": {"backend": counter}})
-    ref = BoundedModule(model, x[:1], bound_opts=REF)
-    C = torch.randn(3, 2, 5)
-    r = bounds_and_grads(ref, model, x, C)
-    f = bounds_and_grads(fast, model, x, C)
-    assert len(counter.graphs) == 1, "graph breaks in the IBP program"
-    assert_same(r, f, 1e-5)
+    assert_compiled_is_one_graph_like_reference(model, x, torch.randn(3, 2, 5))
 
 
 def test_compiled_never_serves_a_stale_graph():

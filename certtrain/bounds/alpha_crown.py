@@ -35,23 +35,26 @@ DEFAULT_ALPHA_OPTS: dict[str, Any] = {
 }
 
 
-def check_alpha_opts(opts: Optional[Mapping[str, Any]], base: Optional[Mapping[str, Any]] = None) -> dict:
-    """``base`` (default: `DEFAULT_ALPHA_OPTS`) updated by ``opts``; ValueError naming a bad key or value."""
+def check_alpha_opts(opts: Optional[Mapping[str, Any]], base: Optional[Mapping[str, Any]] = None,
+                     where: str = "optimize_bound_args") -> dict:
+    """``base`` (default: `DEFAULT_ALPHA_OPTS`) updated by ``opts``; ValueError naming ``where.key``
+    and what it accepts."""
     out = dict(DEFAULT_ALPHA_OPTS if base is None else base)
     for k, v in dict(opts or {}).items():
         if k not in DEFAULT_ALPHA_OPTS:
-            raise ValueError(f"unknown optimize_bound_args key {k!r}; available: {', '.join(DEFAULT_ALPHA_OPTS)}")
+            raise ValueError(f"unknown {where} key {k!r}; available: {', '.join(DEFAULT_ALPHA_OPTS)}")
         out[k] = v
     it = out["iteration"]
     if isinstance(it, bool) or not isinstance(it, int) or it < 0:
-        raise ValueError(f"optimize_bound_args iteration must be an integer >= 0, got {it!r}")
-    for k in ("lr_alpha", "lr_decay"):
+        raise ValueError(f"{where}.iteration must be an integer >= 0, got {it!r}")
+    for k, high in (("lr_alpha", math.inf), ("lr_decay", 1.0)):
         v = out[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise ValueError(f"optimize_bound_args {k} must be a positive number, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= high:
+            what = "a positive number" if high == math.inf else f"a number in (0, {high:g}]"
+            raise ValueError(f"{where}.{k} must be {what}, got {v!r}")
     for k in ("keep_best", "optimize_intermediate"):
         if not isinstance(out[k], bool):
-            raise ValueError(f"optimize_bound_args {k} must be true or false, got {out[k]!r}")
+            raise ValueError(f"{where}.{k} must be true or false, got {out[k]!r}")
     return out
 
 
@@ -111,7 +114,10 @@ def optimized_bounds(net: "BoundedModule", values, final, C: Optional[Tensor], l
     opt = torch.optim.Adam(params, lr=float(opts["lr_alpha"]))
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, float(opts["lr_decay"]))
     best_l = best_u = None
-    best_alpha = {k: [None if a is None else a.detach().clone() for a in pair] for k, pair in alphas.items()}
+    # The best slopes per row, to re-apply under gradients; with shared intermediate slopes the rows
+    # are coupled and only the best bound is kept.
+    best_alpha = {} if inter else {k: [None if a is None else a.detach().clone() for a in pair]
+                                   for k, pair in alphas.items()}
     lb = ub = None
     with torch.enable_grad():
         for it in range(iters + (0 if keep_best else 1)):
@@ -122,13 +128,13 @@ def optimized_bounds(net: "BoundedModule", values, final, C: Optional[Tensor], l
                 if lower:
                     better = torch.ones_like(lb, dtype=torch.bool) if best_l is None else lb > best_l
                     best_l = lb.detach().clone() if best_l is None else torch.where(better, lb.detach(), best_l)
-                    for k, pair in alphas.items():
-                        best_alpha[k][0][better] = pair[0].detach()[better]
+                    for k, pair in best_alpha.items():
+                        pair[0][better] = alphas[k][0].detach()[better]
                 if upper:
                     better = torch.ones_like(ub, dtype=torch.bool) if best_u is None else ub < best_u
                     best_u = ub.detach().clone() if best_u is None else torch.where(better, ub.detach(), best_u)
-                    for k, pair in alphas.items():
-                        best_alpha[k][1][better] = pair[1].detach()[better]
+                    for k, pair in best_alpha.items():
+                        pair[1][better] = alphas[k][1].detach()[better]
             if it == iters:  # keep_best=False: this was the evaluation at the final α
                 break
             loss = (-lb.sum() if lower else 0) + (ub.sum() if upper else 0)
@@ -163,6 +169,4 @@ def optimized_bounds(net: "BoundedModule", values, final, C: Optional[Tensor], l
         return best_l, best_u
     # Each row's bound depends only on its own α: re-evaluating at the best α reproduces the best
     # bound, now differentiable w.r.t. the model and the input.
-    fixed = {k: tuple(a for a in pair) for k, pair in best_alpha.items()}
-    lb, ub = net._crown_output(final, C, values, lower, upper, fixed)
-    return lb, ub
+    return net._crown_output(final, C, values, lower, upper, {k: tuple(pair) for k, pair in best_alpha.items()})
