@@ -67,7 +67,7 @@ def _optimizable(net: "BoundedModule", values) -> list:
         v = values.get(n.name)
         if v is None or not v.perturbed:
             continue
-        l, u = values[n.inputs[0]].bounds
+        l, u = values[n.relaxed_names[0]].bounds
         if bool(n.op.unstable(l, u).any()):
             out.append(n)
     return out
@@ -75,7 +75,7 @@ def _optimizable(net: "BoundedModule", values) -> list:
 
 def _init_alpha(n, values, rows: int, lower: bool, upper: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """CROWN's own lower slopes as the starting point, (B, rows, *node_shape) per side."""
-    l, u = (t.detach() for t in values[n.inputs[0]].bounds)
+    l, u = (t.detach() for t in values[n.relaxed_names[0]].bounds)
     lo, hi = n.op.alpha_range
     dl = n.op.relax(l, u)[0].detach().clamp(lo, hi)
     init = dl.unsqueeze(1).expand(dl.shape[0], rows, *dl.shape[1:])

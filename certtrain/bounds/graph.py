@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from torch import fx, nn
 
+from .functionalize import InPlaceError, functionalize
 from .ops.base import BoundOp
 from .ops.registry import lookup
 
@@ -38,7 +39,41 @@ class BoundNode:
     fx_node: fx.Node
     module: Optional[nn.Module] = None
     op: Optional[BoundOp] = None
-    inputs: list[str] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)  # distinct input nodes, first use first
+
+    def arg_name(self, i: int) -> Optional[str]:
+        """The node passed as positional argument i (None for a constant there)."""
+        args = self.fx_node.args
+        return args[i].name if i < len(args) and isinstance(args[i], fx.Node) else None
+
+    @property
+    def relaxed_names(self) -> list[str]:
+        """The nodes whose bounds this node's relaxation needs (``op.relaxed_inputs`` are argument
+        positions; one node may fill several of them, as in ``x * x``)."""
+        if self.op is None:
+            return []
+        out = []
+        for i in self.op.relaxed_inputs:
+            name = self.arg_name(i)
+            if name is not None and name not in out:
+                out.append(name)
+        return out
+
+
+_SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement"}
+_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
+
+
+def is_shape_query(node: "BoundNode") -> bool:
+    """Whether a node only asks for a tensor's shape, dtype or device (safe on a perturbed one)."""
+    t = node.fx_node.target
+    if node.kind == "call_method":
+        return t in _SHAPE_METHODS
+    if node.kind == "call_function":
+        if t is getattr:
+            return len(node.fx_node.args) == 2 and node.fx_node.args[1] in _SHAPE_ATTRS
+        return t is len
+    return False
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -50,7 +85,11 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"could not trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}). "
             "The bound engine needs a static graph: avoid Python control flow that depends on tensor "
             "values in forward(), or wrap such a part in a leaf module.") from e
-    return fx.GraphModule(tracer.root, graph)
+    gm = fx.GraphModule(tracer.root, graph)
+    try:
+        return functionalize(gm)  # the engine must never mutate a tensor (see functionalize.py)
+    except InPlaceError as e:
+        raise TraceError(str(e)) from None
 
 
 def build_nodes(gm: fx.GraphModule) -> list[BoundNode]:

@@ -60,7 +60,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor, fx, nn
 
-from .graph import fetch_attr
+from .functionalize import call_module_safely
+from .graph import fetch_attr, is_shape_query
 from .ops.arithmetic import BoundAdd, BoundDiv, BoundMul, BoundNeg, BoundSub
 from .ops.base import Value
 from .ops.batchnorm import BoundBatchNorm
@@ -118,11 +119,6 @@ _AUDIT: dict[type, tuple[str, str]] = {
     BoundReshape: ("unary", "_check(): x.value.shape[0]"),
     BoundPermute: ("unary", "perm(): x.value.dim()"),
 }
-
-# Nodes without a rule may consume a perturbed node only to ask for its shape/dtype/device.
-_SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement"}
-_SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
-
 
 def _needs_batch(op) -> bool:
     """Whether a rule's IBP reads its input's clean batch (BatchNorm with batch statistics)."""
@@ -195,15 +191,6 @@ def _perturbed_elsewhere(n, rule: str, pert: dict) -> bool:
     return any(pert[m.name] for m in _nodes_in((tuple(args[k:]), dict(kwargs))))
 
 
-def _shape_query(n) -> bool:
-    t = n.fx_node.target
-    if n.kind == "call_method":
-        return t in _SHAPE_METHODS
-    if n.kind == "call_function" and t is getattr:
-        return len(n.fx_node.args) == 2 and n.fx_node.args[1] in _SHAPE_ATTRS
-    return False
-
-
 # ------------------------------------------------------------------------------------- program
 class _Program:
     """The IBP pass of one BoundedModule for one set of perturbed inputs, as generated Python.
@@ -239,7 +226,8 @@ class _Program:
                        f"    # IBP of {type(net.model).__name__} ({len(ops)} bound rules), perturbed inputs "
                        f"{list(perturbed)}\n" + "".join(f"    {line}\n" for line in body))
         self._globals = {"_K": consts, "_OP": ops, "_GM": net._gm, "_Value": Value, "_box": _box,
-                         "_ibp": _ibp, "_finish": _finish, "_fetch": fetch_attr}
+                         "_ibp": _ibp, "_finish": _finish, "_fetch": fetch_attr,
+                         "_safe": call_module_safely}
         self.fn = self.new_function()
 
     def _generate(self, net, perturbed):
@@ -307,7 +295,7 @@ class _Program:
                 lines.append(f"{v} = _ibp(_OP[{len(ops) - 1}], {n.name!r}, {lit(tuple(args), False)}, "
                              f"{lit(dict(kwargs), False)}, clean, nan)")
                 continue
-            if any(pert[m] for m in n.inputs) and not _shape_query(n):
+            if any(pert[m] for m in n.inputs) and not is_shape_query(n):
                 raise _Unsupported(f"node '{n.name}' ({n.kind} {n.fx_node.target}) reads a perturbed "
                                    "value without a bound rule")
             t = n.fx_node.target
@@ -316,8 +304,12 @@ class _Program:
                 rest = ", ".join([lit(x, True) for x in args[1:]] + kw)
                 call = (f"{lit(args[0], True)}.{t}({rest})" if t.isidentifier() and not keyword.iskeyword(t)
                         else f"getattr({lit(args[0], True)}, {t!r})({rest})")
+            elif n.kind == "call_module":
+                consts.append(n.module)  # a module with inplace=True gets a copy of its input
+                call = (f"_safe(_K[{len(consts) - 1}], (" + "".join(lit(x, True) + ", " for x in args)
+                        + "), {" + ", ".join(f"{k!r}: {lit(x, True)}" for k, x in kwargs.items()) + "})")
             else:
-                consts.append(n.module if n.kind == "call_module" else t)
+                consts.append(t)
                 call = f"_K[{len(consts) - 1}](" + ", ".join([lit(x, True) for x in args] + kw) + ")"
             lines.append(f"{v} = _Value({n.name!r}, {call}, False)")
         final = net._by_name[net._final_name]

@@ -21,8 +21,10 @@ from torch import Tensor, fx, nn
 
 from .alpha_crown import DEFAULT_ALPHA_OPTS, check_alpha_opts, optimized_bounds
 from .ibp_program import IBP_PROGRAM_OPTS, ibp_program_bounds
-from .graph import BoundNode, attach_op, build_nodes, fetch_attr, trace
+from .functionalize import call_module_safely
+from .graph import BoundNode, attach_op, build_nodes, fetch_attr, is_shape_query, trace
 from .ops.base import Value
+from .ops.registry import UnsupportedOperation, source_line
 from .ops.linear import BoundLinear
 from .ops.conv import BoundConv2d
 from .patches import LinearA, Patches, to_dense
@@ -135,6 +137,15 @@ class BoundedModule(nn.Module):
         for n in self._nodes:
             if n.kind.startswith("call") and values[n.name].perturbed:
                 attach_op(n, self.bound_opts)
+            elif (n.kind.startswith("call") and any(values[i].perturbed for i in n.inputs)
+                  and not is_shape_query(n)):
+                # A perturbed tensor turned into a Python value (.item(), .tolist(), bool(...),
+                # an in-place op's None, ...) would be treated as a constant: refuse it.
+                raise UnsupportedOperation(
+                    f"graph node '{n.name}' ({source_line(n.fx_node)}) turns a perturbed tensor into "
+                    f"a non-tensor value ({type(values[n.name].value).__name__}); bounds cannot follow "
+                    "it. Keep the computation in tensor ops (only shape queries such as x.size(), "
+                    "x.shape or len(x) may read a perturbed tensor)")
         self._final_name = self._output.inputs[0] if self._output.inputs else None
         out = values[self._final_name].value
         if not isinstance(out, Tensor):
@@ -156,9 +167,9 @@ class BoundedModule(nn.Module):
         topological order: the "pre-activation" layers of the regularizers of Shi et al. 2021."""
         seen: list[str] = []
         for n in self._nodes:
-            for i in getattr(n.op, "relaxed_inputs", ()):
-                if n.inputs[i] not in seen:
-                    seen.append(n.inputs[i])
+            for name in n.relaxed_names:
+                if name not in seen:
+                    seen.append(name)
         return seen
 
     def save_intermediate(self) -> "dict[str, tuple[Tensor, Tensor]]":
@@ -230,7 +241,7 @@ class BoundedModule(nn.Module):
             args, kwargs = self._args(n, values, raw=True)
             t = n.fx_node.target
             if n.kind == "call_module":
-                v = n.module(*args, **kwargs)
+                v = call_module_safely(n.module, args, kwargs)
             elif n.kind == "call_method":
                 v = getattr(args[0], t)(*args[1:], **kwargs)
             else:
@@ -356,8 +367,7 @@ class BoundedModule(nn.Module):
         need = set()
         for n in self._nodes:
             if n.op is not None and values.get(n.name) is not None and values[n.name].perturbed:
-                for i in n.op.relaxed_inputs:
-                    need.add(n.inputs[i])
+                need.update(n.relaxed_names)
         return need
 
     def _ibp_is_exact(self, n: BoundNode, values) -> bool:
@@ -366,7 +376,7 @@ class BoundedModule(nn.Module):
         if n.op is None:
             return True
         if isinstance(n.op, (BoundLinear, BoundConv2d)):
-            src = self._by_name[n.inputs[0]]
+            src = self._by_name[n.arg_name(0) or n.inputs[0]]
             return src.kind == "placeholder" and isinstance(self._ptbs[src.name], PerturbationLpNorm) \
                 and self._ptbs[src.name].norm == math.inf
         return getattr(n.op, "relaxed_inputs", ()) == (0,) and hasattr(n.op, "relax")
@@ -381,7 +391,7 @@ class BoundedModule(nn.Module):
             for c in self._consumers[n.name]:
                 if c.op is None or not values[c.name].perturbed:
                     continue
-                if any(c.inputs[i] == n.name for i in c.op.relaxed_inputs):
+                if n.name in c.relaxed_names:
                     masks.append(c.op.rows_to_refine(v.lower, v.upper))
             if masks and all(m is not None for m in masks):
                 rows = torch.stack(masks).any(0).nonzero().flatten()

@@ -111,9 +111,12 @@ class PerturbationLpNorm(Perturbation):
         return eps.reshape(-1, 1) if eps.dim() else eps
 
     def ball(self, x0: Tensor) -> Optional[tuple]:
+        """(x0, eps, q) with eps a scalar or one radius per example, shape (B,): consumers shape it
+        to their own node with `ball_radius` (never by implicit broadcasting)."""
         if self.norm == math.inf:
             return None
-        return x0, self._row_eps(x0), self.dual_norm
+        eps = self._eps(x0)
+        return x0, (eps.reshape(-1) if eps.dim() else eps), self.dual_norm
 
     def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
         if self.norm == math.inf:

@@ -121,7 +121,8 @@ class BoundOp:
         args = [const(a) for a in args]
         kwargs = {k: const(v) for k, v in kwargs.items()}
         if self.module is not None:
-            return self.module(first, *args, **kwargs)
+            from ..functionalize import call_module_safely
+            return call_module_safely(self.module, (first, *args), kwargs)
         if self.node.op == "call_method":
             return getattr(first, self.node.target)(*args, **kwargs)
         return self.node.target(first, *args, **kwargs)
@@ -147,17 +148,30 @@ class LinearOp(BoundOp):
         if lA is not None and lA is uA:  # same coefficients on both sides: map them once
             res, bias = self.backward_one(lA, *args, **kwargs)
             return [(v, a, a) for v, a in res], bias, bias
-        outs: dict[int, list] = {}
-        biases = []
-        for side, A in enumerate((lA, uA)):
+        # One entry per operand position, both sides paired: the same node may be several
+        # operands (``h + h``, ``cat([h, h])``); the walk sums the entries of a node, so entries
+        # must never be merged (or overwritten) by node here.
+        sides, biases = [], []
+        for A in (lA, uA):
             if A is None:
+                sides.append(None)
                 biases.append(0)
                 continue
             res, bias = self.backward_one(A, *args, **kwargs)
+            sides.append(res)
             biases.append(bias)
-            for v, a in res:
-                outs.setdefault(id(v), [v, None, None])[1 + side] = a
-        return [tuple(o) for o in outs.values()], biases[0], biases[1]
+        lres, ures = sides
+        n = len(lres if lres is not None else ures)
+        out = [((lres or ures)[i][0], lres[i][1] if lres is not None else None,
+                ures[i][1] if ures is not None else None) for i in range(n)]
+        return out, biases[0], biases[1]
+
+
+def ball_radius(eps: Tensor, ndim: int) -> Tensor:
+    """An Lp ball's radius (a scalar, or one value per example of shape (B,)) shaped to broadcast
+    against a ``ndim``-dimensional node value (B, ...)."""
+    eps = torch.as_tensor(eps)
+    return eps.reshape(-1, *([1] * (ndim - 1))) if eps.dim() else eps
 
 
 def unbroadcast(A: LinearA, shape: torch.Size) -> LinearA:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..patches import LinearA, Patches
-from .base import CenterRadius, LinearOp, const
+from .base import CenterRadius, LinearOp, ball_radius, const
 from .registry import UnsupportedOperation, register_op
 
 
@@ -98,7 +98,7 @@ class BoundConv2d(LinearOp):
             # padded input, as in auto_LiRPA's IBP for Lp balls.
             c0, eps, q = x.ball
             c = F.conv2d(c0, w, b, s, p, d, g)
-            r = eps * w.flatten(1).norm(p=q, dim=1).view(1, -1, 1, 1)
+            r = ball_radius(eps, 4) * w.flatten(1).norm(p=q, dim=1).view(1, -1, 1, 1)
             return c - r, c + r
         return conv_ibp(*x.center_radius, w, b, s, p, d, g)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CenterRadius, LinearOp, const
+from .base import CenterRadius, LinearOp, ball_radius, const
 from .registry import register_op
 
 
@@ -26,7 +26,8 @@ class BoundLinear(LinearOp):
             # Dual norm over an Lp ball: W x0 + b +- eps * ||W_i||_q.
             c, eps, q = x.ball
             c = F.linear(c, w, b)
-            r = eps * w.norm(p=q, dim=1)
+            # ||x_i - x0_i||_p <= ||x - x0||_p for every slice x_i that one output row reads.
+            r = ball_radius(eps, c.dim()) * w.norm(p=q, dim=1)
             return c - r, c + r
         # Centre/radius form: W c + b +- |W| r (Gowal et al. 2018, eq. 6).
         c, r = x.center_radius
@@ -43,7 +44,7 @@ class BoundLinear(LinearOp):
         if x.ball is not None:
             c0, eps, q = x.ball
             c = torch.bmm(w2, c0.unsqueeze(-1)).squeeze(-1) + b2
-            r = eps * w2.norm(p=q, dim=-1)
+            r = ball_radius(eps, 2) * w2.norm(p=q, dim=-1)
             return c - r, c + r
         c, r = x.center_radius
         c = torch.bmm(w2, c.unsqueeze(-1)).squeeze(-1) + b2

@@ -110,22 +110,31 @@ class BoundMaxPool2d(BoundOp):
         k, s, p = self.geometry()
         l, u = x.bounds
         B, C, H, W = l.shape
-        # i*: the input with the largest lower bound in each window (padding never wins).
-        lmax, idx = F.max_pool2d(l, k, s, p, return_indices=True)
-        umax = F.max_pool2d(u, k, s, p)
-        # Largest upper bound among the other inputs of the window.
-        u_mask = u.flatten(2).scatter(2, idx.flatten(2), float("-inf")).view_as(u)
-        u_other = F.max_pool2d(u_mask, k, s, p)
-        dominant = lmax >= u_other
-        one = torch.ones_like(lmax)
-        du = torch.where(dominant, one, torch.zeros_like(lmax))
-        bu = torch.where(dominant, torch.zeros_like(lmax), umax)
+        # Windows of the input, padded with -inf (padding never wins a max): (B, C, kh*kw, L).
+        wl, pos = _windows(l, k, s, p)
+        wu, _ = _windows(u, k, s, p)
+        # i*: the input with the largest lower bound in each window.  Everything below is per
+        # window, so overlapping windows (stride < kernel) that share inputs stay independent.
+        lmax, arg = wl.max(2, keepdim=True)
+        umax = wu.max(2).values
+        # Largest upper bound among the *other* inputs of the same window.
+        u_other = wu.scatter(2, arg, float("-inf")).max(2).values
+        lmax = lmax.squeeze(2)
+        idx = pos.gather(2, arg).squeeze(2)  # flat input index of i*, (B, C, L)
+        oh, ow = (H + 2 * p[0] - k[0]) // s[0] + 1, (W + 2 * p[1] - k[1]) // s[1] + 1
+        dominant = (lmax >= u_other).view(B, C, oh, ow)
+        umax = umax.view(B, C, oh, ow)
+        idx = idx.view(B, C, oh, ow)
+        one = torch.ones_like(umax)
+        du = torch.where(dominant, one, torch.zeros_like(umax))
+        bu = torch.where(dominant, torch.zeros_like(umax), umax)
 
         def to_input(A):
             if A is None:
                 return None
             Bn, N = A.shape[:2]
-            # Adjoint of "pick x[idx]": scatter-add each output coefficient onto its argmax.
+            # Adjoint of "pick x[idx]": scatter-add each output coefficient onto its argmax
+            # (several windows may pick the same input; their coefficients add up).
             out = A.new_zeros(Bn, N, C, H * W)
             index = idx.flatten(2).unsqueeze(1).expand(Bn, N, C, -1)
             return out.scatter_add_(3, index, A.flatten(3)).view(Bn, N, C, H, W)
@@ -133,3 +142,15 @@ class BoundMaxPool2d(BoundOp):
         # Lower line y >= x[i*] (slope 1 on i*); upper line du * x[i*] + bu.
         nl, lbias, nu, ubias = relax_backward(lA, uA, one, None, du, bu)
         return [(x, to_input(nl), to_input(nu))], lbias, ubias
+
+
+def _windows(t, k, s, p):
+    """(values, flat input positions) of every pooling window: (B, C, kh*kw, L) each; padded
+    entries hold -inf (and position 0, never selected since a window always holds a real input)."""
+    B, C, H, W = t.shape
+    tp = F.pad(t, (p[1], p[1], p[0], p[0]), value=float("-inf"))
+    vals = F.unfold(tp.reshape(B * C, 1, *tp.shape[2:]), k, stride=s).view(B, C, k[0] * k[1], -1)
+    grid = torch.arange(H * W, device=t.device, dtype=torch.float64).view(1, 1, H, W)
+    gp = F.pad(grid, (p[1], p[1], p[0], p[0]), value=0.0)
+    pos = F.unfold(gp, k, stride=s).view(1, 1, k[0] * k[1], -1).round().long()
+    return vals, pos.expand(B, C, -1, -1)
