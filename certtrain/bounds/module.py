@@ -46,6 +46,7 @@ DEFAULT_OPTS = {
     "conv_mode": "patches",       # patches | matrix (dense), for CROWN through convolutions
     "memory_budget": 1 << 30,     # bytes of CROWN coefficients per chunk of rows
     "sparse_intermediate_bounds": True,  # CROWN only for neurons whose relaxation they change
+    "intersect_intermediate": True,  # intermediate bounds: CROWN ∩ IBP (False: CROWN alone, as auto_LiRPA)
     "optimize_bound_args": dict(DEFAULT_ALPHA_OPTS),  # alpha-CROWN (see certtrain.bounds.alpha_crown)
     **IBP_PROGRAM_OPTS,           # fast IBP paths: ibp_skip_clean, ibp_compile, ... (certtrain.bounds.ibp_program)
 }
@@ -401,6 +402,13 @@ class BoundedModule(nn.Module):
                     rows = None
         all_rows = torch.arange(numel, device=v.value.device) if rows is None else rows
         lb, ub = self._backward_rows(n, all_rows, values, alphas=alphas)
+        # Both the interval and the CROWN bound hold: keep their intersection (CROWN can be
+        # looser than IBP for some neurons, e.g. after a saturated sigmoid).
+        lo, up = v.lower.flatten(1), v.upper.flatten(1)
+        if rows is not None:
+            lo, up = lo[:, rows], up[:, rows]
+        if self.bound_opts["intersect_intermediate"]:
+            lb, ub = torch.maximum(lb, lo), torch.minimum(ub, up)
         if rows is None:
             v.lower, v.upper = lb.view_as(v.value), ub.view_as(v.value)
         else:
