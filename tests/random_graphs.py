@@ -389,3 +389,28 @@ def freeze_bn(twin: RandomNet, x0: torch.Tensor) -> RandomNet:
             mod.running_var.copy_(stats[k][1])
             mod.eval()
     return m.eval()
+
+
+def degenerate_bn(model: nn.Module, x0: torch.Tensor) -> bool:
+    """Whether a training-mode BN sees a (nearly) constant batch at x0, e.g. after ``h - h``: it
+    then multiplies rounding noise by 1/sqrt(eps) per layer, and the network's value (a constant
+    in exact arithmetic) is noise in floating point, which no bound can be checked against."""
+    import copy
+    model = copy.deepcopy(model)  # the forward pass below updates running statistics
+    found = []
+
+    def hook(mod, i, o):
+        t = i[0]
+        d = [0] + list(range(2, t.dim()))
+        var, mean = t.var(d, unbiased=False), t.mean(d)
+        found.append(bool((var < 1e-6 * (1 + mean ** 2)).any()))
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    try:
+        with torch.no_grad():
+            model(x0.clone())
+    finally:
+        for h in hooks:
+            h.remove()
+    return any(found)

@@ -19,7 +19,7 @@ import torch
 
 from bound_checks import assert_sound, rounding_scale
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
-from random_graphs import build, describe, freeze_bn, random_spec
+from random_graphs import build, degenerate_bn, describe, freeze_bn, random_spec
 
 N_CASES = int(os.environ.get("CERTTRAIN_FUZZ_CASES", "48"))
 SEED0 = int(os.environ.get("CERTTRAIN_FUZZ_SEED", "0"))
@@ -91,6 +91,11 @@ def run_case(seed: int, n_random: int = 64, pgd_steps: int = 12) -> None:
     case = draw_case(seed)
     model, twin = build(case["spec"], case["dtype"])
     x0, ptb, C = case_inputs(case)
+    if case["spec"].bn_train and degenerate_bn(twin, x0):  # ill-conditioned: test BN in eval mode
+        for m in (*model.modules(), *twin.modules()):
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        case["spec"].bn_train = False
     keep = x0.clone()
     params = {k: v.clone() for k, v in model.state_dict().items()}
     with warnings.catch_warnings():
