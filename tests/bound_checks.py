@@ -155,10 +155,10 @@ def rounding_scale(model, x0) -> float:
                 mags.append(float(out.detach().abs().max()))
             return out
 
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            scale = torch.rsqrt(m.running_var + m.eps) * (m.weight if m.weight is not None else 1)
-            mags.append(float((m.running_mean * scale).abs().max()))
     with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                scale = torch.rsqrt(m.running_var + m.eps) * (m.weight if m.weight is not None else 1)
+                mags.append(float((m.running_mean * scale).abs().max()))
         Record(fx.symbolic_trace(model)).run(x0)
     return max(mags)
