@@ -24,7 +24,7 @@ def check_config(cfg: DictConfig) -> None:
     """Fail fast (ValueError) on settings that cannot work, before any data or model is built."""
     from omegaconf import OmegaConf
 
-    from certtrain.module import METHODS, _check_eps, _check_val_bounds, check_method_options, parse_norm
+    from certtrain.certified_module import METHODS, _check_eps, _check_val_bounds, check_method_options, parse_norm
     from certtrain.schedules import SCHEDULES
 
     p = cfg.perturbation
@@ -53,7 +53,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def format_table(results: dict[str, float], cfg: DictConfig, n_test: int | None, ckpt: str | None) -> str:
     """Markdown table of the test metrics at the evaluation ε."""
-    from certtrain.module import parse_norm
+    from certtrain.certified_module import parse_norm
 
     norm = parse_norm(cfg.perturbation.norm)
     eps = cfg.perturbation.eval_eps if cfg.perturbation.get("eval_eps") is not None else cfg.perturbation.eps
@@ -85,7 +85,7 @@ def setup(cfg: DictConfig) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     from certtrain.checkpoint_io import check_weights_fit, read_checkpoint
-    from certtrain.module import _locate_target, module_from_config
+    from certtrain.certified_module import _locate_target, module_from_config
 
     if cfg.get("torch_threads"):
         import torch

@@ -45,7 +45,7 @@ def _plain(value: Any) -> Any:
 
 def eps_list(name: str, value: Any) -> list[float] | None:
     """A number or a list of numbers → the distinct ε, ascending; None stays None.  ValueError otherwise."""
-    from certtrain.module import _check_eps
+    from certtrain.certified_module import _check_eps
 
     value = _plain(value)
     if value is None:
@@ -90,7 +90,7 @@ def curve_methods(spec: Any, methods: list[str]) -> list[str]:
 
 def check_options(cfg: DictConfig) -> dict[str, Any]:
     """Everything that needs no checkpoint: methods, ε lists, limits, α-CROWN options; ValueError on bad input."""
-    from certtrain.module import parse_norm
+    from certtrain.certified_module import parse_norm
     from certtrain.verification import (
         check_engine_supports, parse_alpha_crown_options, parse_method_options, parse_methods)
 

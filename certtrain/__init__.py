@@ -10,9 +10,9 @@ from typing import Any
 __all__ = ["CertifiedModule", "VerifiedCheckpoint", "load_certified", "module_from_config"]
 
 _LAZY = {
-    "CertifiedModule": "certtrain.module",
-    "module_from_config": "certtrain.module",
-    "load_certified": "certtrain.module",
+    "CertifiedModule": "certtrain.certified_module",
+    "module_from_config": "certtrain.certified_module",
+    "load_certified": "certtrain.certified_module",
     "VerifiedCheckpoint": "certtrain.callbacks",
 }
 

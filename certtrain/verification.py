@@ -152,7 +152,7 @@ def parse_alpha_crown_options(options: Mapping[str, Any] | None) -> dict[str, An
 def make_perturbation(eps: float, norm: float | str = math.inf, x_L: float = 0.0,
                       x_U: float = 1.0) -> PerturbationLpNorm:
     """The ε-ball (L∞ or L2) within the pixel domain [x_L, x_U]; ValueError for ε < 0 or another norm."""
-    from .module import _check_eps, parse_norm
+    from .certified_module import _check_eps, parse_norm
 
     return PerturbationLpNorm(eps=_check_eps("eps", eps), norm=parse_norm(norm), x_L=x_L, x_U=x_U)
 
@@ -466,7 +466,7 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
     ``device``: auto / cpu / cuda[:N] (default: where the model is).  ``seed``: seeds PGD's random
     starts (None: leave the RNG alone).
     """
-    from .module import parse_norm
+    from .certified_module import parse_norm
 
     methods = parse_methods(methods)
     if alone is True or alone is False or alone is None:
@@ -672,7 +672,7 @@ def load_for_verification(ckpt_path: str | os.PathLike, *, subset: int | None = 
     from hydra.utils import instantiate
 
     from .checkpoint_io import CheckpointError, check_weights_fit, read_checkpoint
-    from .module import _locate_target, module_from_config
+    from .certified_module import _locate_target, module_from_config
 
     if subset is not None and (int(subset) != subset or int(subset) <= 0):
         raise ValueError(f"subset must be a positive integer, got {subset!r}")

@@ -185,7 +185,7 @@ def test_forward_cache_serves_the_training_step():
     h.remove()
 
 
-def test_keep_intermediate_and_unaudited_rules():
+def test_keep_intermediate_and_undeclared_rules():
     model = zoo("resnet").eval()
     x = torch.rand(2, *SHAPE)
     fast, ref = BoundedModule(model, x[:1]), BoundedModule(model, x[:1], bound_opts=REF)
@@ -198,10 +198,11 @@ def test_keep_intermediate_and_unaudited_rules():
     fast.compute_bounds(x=(box(x),), method="IBP")
     with pytest.raises(RuntimeError, match="keep_intermediate"):
         fast.save_intermediate()
-    # A rule the audit has not read (here a subclass) sends the model to the reference path.
+    # A rule that does not declare its clean-value reads (ibp_operands) sends the model to the
+    # reference path.
     other = BoundedModule(model, x[:1])
-    node = next(n for n in other._nodes if type(n.op).__name__ == "BoundReLU")
-    node.op = type("MyReLU", (type(node.op),), {})(node.op.node, node.op.module, node.op.opts)
+    node = next(n for n in other.nodes if type(n.op).__name__ == "BoundReLU")
+    node.op = type("MyReLU", (type(node.op),), {"ibp_operands": None})(node.op.node, node.op.module, node.op.opts)
     reason = program_supported(other)
     assert reason is not None and "MyReLU" in reason and node.name in reason
     with pytest.raises(ValueError, match="MyReLU"):
@@ -214,7 +215,7 @@ def test_program_source_is_straight_line():
     model = zoo("cnn_7layer_bn")
     net = BoundedModule(model, torch.rand(1, *SHAPE))
     src = ibp_program_source(net)
-    n_rules = sum(1 for n in net._nodes if n.op is not None)
+    n_rules = sum(1 for n in net.nodes if n.op is not None)
     assert src.count("_ibp(") == n_rules
     assert not any(w in src for w in ("for ", "while ", "if ")), src
 

@@ -25,7 +25,7 @@ from hydra.utils import instantiate  # noqa: E402
 from certtrain.attacks import AttackConfig, attack_loss, fgsm_attack, pgd_accuracy, pgd_attack  # noqa: E402
 from certtrain.initialization import ibp_init, ibp_init_std  # noqa: E402
 from certtrain.losses import margin_spec, robust_ce  # noqa: E402
-from certtrain.module import CertifiedModule, load_certified, module_from_config, sabr_box  # noqa: E402
+from certtrain.certified_module import CertifiedModule, load_certified, module_from_config, sabr_box  # noqa: E402
 from certtrain.regularizers import relu_balance_loss, tightness_loss, warmup_regularizer, warmup_weight  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from certtrain.attacks import pgd_attack  # noqa: E402
 from certtrain.losses import margin_spec, robust_ce, verified  # noqa: E402
-from certtrain.module import module_from_config  # noqa: E402
+from certtrain.certified_module import module_from_config  # noqa: E402
 from certtrain.schedules import ConstantSchedule, LinearSchedule, SmoothedSchedule, build_schedule  # noqa: E402
 
 GROUPS = ["dataset", "model", "method", "perturbation", "schedule", "trainer", "logger", "paths", "experiment"]
@@ -107,7 +107,7 @@ def test_pgd_stays_in_ball_and_box(norm):
 
 def test_bounds_in_training_mode_keep_bn_running_stats():
     import models
-    from certtrain.module import CertifiedModule
+    from certtrain.certified_module import CertifiedModule
 
     torch.manual_seed(0)
     net = models.cnn_7layer_bn(in_shape=(1, 8, 8), width=4, linear_size=16)
@@ -125,7 +125,7 @@ def test_bounds_in_training_mode_keep_bn_running_stats():
 # ---------------------------------------------------------------- configs
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_compose_every_option(tmp_path, group, option):
-    from certtrain.module import CertifiedModule, module_from_config
+    from certtrain.certified_module import CertifiedModule, module_from_config
 
     cfg = compose_cfg(tmp_path, [f"{group}={option}"])
     OmegaConf.resolve(cfg)
@@ -153,7 +153,7 @@ def test_compose_every_option(tmp_path, group, option):
 
 def test_bad_config_fails_fast(tmp_path):
     import train
-    from certtrain.module import CertifiedModule
+    from certtrain.certified_module import CertifiedModule
 
     with pytest.raises(ValueError, match="eps must be"):
         train.check_config(compose_cfg(tmp_path, ["perturbation.eps=-0.1"]))
@@ -168,7 +168,7 @@ def test_bad_config_fails_fast(tmp_path):
 
 
 def test_optimizer_and_milestones():
-    from certtrain.module import CertifiedModule
+    from certtrain.certified_module import CertifiedModule
 
     module = CertifiedModule(torch.nn.Linear(4, 2), (0.5,), (0.5,), 2, lr=0.01, milestones=[2, 4], gamma=0.5)
     conf = module.configure_optimizers()
@@ -216,7 +216,7 @@ def _csv_rows(path: Path) -> list[dict[str, str]]:
 
 
 def test_checkpoint_has_config_and_resume_continues_schedule(tmp_path):
-    from certtrain.module import load_certified
+    from certtrain.certified_module import load_certified
 
     a, b = tmp_path / "a", tmp_path / "b"
     slow = ["schedule.start=1", "schedule.length=2", "method=crown_ibp", "test=false"]

@@ -1,16 +1,23 @@
-"""certtrain.bounds: guaranteed output bounds of PyTorch models (IBP, CROWN, CROWN-IBP).
+"""certtrain.bounds: guaranteed output bounds of PyTorch models (IBP, CROWN, CROWN-IBP, α-CROWN).
 
     net = BoundedModule(model, example_input)
     x = BoundedTensor(x0, PerturbationLpNorm(norm=float("inf"), eps=0.1, x_L=0.0, x_U=1.0))
     lb, ub = net.compute_bounds(x=(x,), method="CROWN")
+
+Algorithms on the engine use its walk interface (`BoundedModule.prepare`, `interval_pass`,
+`output_bounds`, `node_bounds`, `BoundState`), never its private members.
 """
-from .graph import TraceError
-from .module import DEFAULT_OPTS, BoundedModule
+from .bounded_module import DEFAULT_OPTS, BoundedModule, check_bound_opts
+from .graph import BoundNode, TraceError
+from .methods import (CHEAP_METHODS, METHOD_NAMES, AlphaCROWN, BoundMethod, CROWN, CROWNIBP, IBP,
+                      check_alpha_opts, resolve_method)
 from .ops import OPS, BoundOp, LinearOp, UnsupportedOperation, Value, register_op
 from .patches import Patches
 from .perturbations import Perturbation, PerturbationLpNorm
+from .state import BoundState
 from .tensor import BoundedTensor
 
-__all__ = ["BoundedModule", "BoundedTensor", "Perturbation", "PerturbationLpNorm", "Patches",
-           "BoundOp", "LinearOp", "Value", "OPS", "register_op", "UnsupportedOperation",
-           "TraceError", "DEFAULT_OPTS"]
+__all__ = ["BoundedModule", "BoundedTensor", "BoundState", "BoundNode", "Perturbation", "PerturbationLpNorm",
+           "Patches", "BoundOp", "LinearOp", "Value", "OPS", "register_op", "UnsupportedOperation",
+           "TraceError", "DEFAULT_OPTS", "check_bound_opts", "BoundMethod", "IBP", "CROWNIBP", "CROWN",
+           "AlphaCROWN", "METHOD_NAMES", "CHEAP_METHODS", "resolve_method", "check_alpha_opts"]

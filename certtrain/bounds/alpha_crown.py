@@ -17,98 +17,55 @@ of each intermediate layer), so tighter intermediate bounds tighten the output b
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .module import BoundedModule
+    from .bounded_module import BoundedModule
+    from .state import BoundState
 
-DEFAULT_ALPHA_OPTS: dict[str, Any] = {
-    "iteration": 20,               # gradient steps (auto_LiRPA's default)
-    "lr_alpha": 0.5,               # Adam learning rate on α
-    "lr_decay": 0.98,              # learning rate × lr_decay after every step
-    "keep_best": True,             # return the best bound seen (never looser than CROWN)
-    "optimize_intermediate": False,  # also optimize the α of the intermediate layers' bounds
-}
+from .methods import ALPHA_DEFAULTS as DEFAULT_ALPHA_OPTS, check_alpha_opts  # noqa: E402,F401 (re-export)
 
 
-def check_alpha_opts(opts: Optional[Mapping[str, Any]], base: Optional[Mapping[str, Any]] = None,
-                     where: str = "optimize_bound_args") -> dict:
-    """``base`` (default: `DEFAULT_ALPHA_OPTS`) updated by ``opts``; ValueError naming ``where.key``
-    and what it accepts."""
-    out = dict(DEFAULT_ALPHA_OPTS if base is None else base)
-    for k, v in dict(opts or {}).items():
-        if k not in DEFAULT_ALPHA_OPTS:
-            raise ValueError(f"unknown {where} key {k!r}; available: {', '.join(DEFAULT_ALPHA_OPTS)}")
-        out[k] = v
-    it = out["iteration"]
-    if isinstance(it, bool) or not isinstance(it, int) or it < 0:
-        raise ValueError(f"{where}.iteration must be an integer >= 0, got {it!r}")
-    for k, high in (("lr_alpha", math.inf), ("lr_decay", 1.0)):
-        v = out[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= high:
-            what = "a positive number" if high == math.inf else f"a number in (0, {high:g}]"
-            raise ValueError(f"{where}.{k} must be {what}, got {v!r}")
-    for k in ("keep_best", "optimize_intermediate"):
-        if not isinstance(out[k], bool):
-            raise ValueError(f"{where}.{k} must be true or false, got {out[k]!r}")
-    return out
-
-
-def _optimizable(net: "BoundedModule", values) -> list:
-    """Relaxed nodes with a free lower slope and at least one unstable neuron."""
-    out = []
-    for n in net._nodes:
-        if n.op is None or getattr(n.op, "alpha_range", None) is None:
-            continue
-        v = values.get(n.name)
-        if v is None or not v.perturbed:
-            continue
-        l, u = values[n.relaxed_names[0]].bounds
-        if bool(n.op.unstable(l, u).any()):
-            out.append(n)
-    return out
-
-
-def _init_alpha(n, values, rows: int, lower: bool, upper: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """CROWN's own lower slopes as the starting point, (B, rows, *node_shape) per side."""
-    l, u = (t.detach() for t in values[n.relaxed_names[0]].bounds)
+def _init_alpha(n, state: "BoundState", rows: int, lower: bool, upper: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The op's CROWN parameter as the starting point, (B, rows, *node_shape) per side."""
+    l, u = (t.detach() for t in state.bounds(n.relaxed_names[0]))
     lo, hi = n.op.alpha_range
-    dl = n.op.relax(l, u)[0].detach().clamp(lo, hi)
+    dl = n.op.alpha_init(l, u).detach().clamp(lo, hi)
     init = dl.unsqueeze(1).expand(dl.shape[0], rows, *dl.shape[1:])
     return (init.clone().requires_grad_(True) if lower else None,
             init.clone().requires_grad_(True) if upper else None)
 
 
-def optimized_bounds(net: "BoundedModule", values, final, C: Optional[Tensor], lower: bool, upper: bool,
+def optimized_bounds(net: "BoundedModule", state: "BoundState", C: Optional[Tensor], lower: bool, upper: bool,
                      opts: Mapping[str, Any]) -> tuple[Optional[Tensor], Optional[Tensor]]:
-    """α-CROWN bounds of ``C @ final``; ``values`` hold CROWN intermediate bounds already."""
+    """α-CROWN bounds of ``C @ output``; ``state`` holds CROWN intermediate bounds already
+    (`BoundedModule.interval_pass` with ``refine``).  Uses only the engine's walk interface."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError("alpha-CROWN optimizes its slopes by gradient steps, which inference mode forbids: "
                            "call compute_bounds under torch.no_grad() instead of torch.inference_mode()")
     grad_wanted = torch.is_grad_enabled()
-    C = net._spec(final, C)
+    C = net.spec_matrix(state, C)
     S = C.shape[1]
     iters, keep_best = int(opts["iteration"]), bool(opts["keep_best"])
     inter = bool(opts["optimize_intermediate"])
 
-    nodes = _optimizable(net, values)
-    alphas = {n.name: _init_alpha(n, values, S, lower, upper) for n in nodes}
+    nodes = net.optimizable_nodes(state)
+    alphas = {n.name: _init_alpha(n, state, S, lower, upper) for n in nodes}
     # Intermediate layers: one α per neuron (shared by the rows of that layer, which keeps their
     # convolution-shaped Patches), per start node and side, for every relaxed node before it.
     inter_alphas: dict[str, dict] = {}
     if inter:
-        order = {n.name: i for i, n in enumerate(net._nodes)}
-        for s in net._needs_bounds(values):
-            inter_alphas[s] = {n.name: _init_alpha(n, values, 1, True, True) for n in nodes
+        order = {n.name: i for i, n in enumerate(net.nodes)}
+        for s in net.relaxed_input_names(state):
+            inter_alphas[s] = {n.name: _init_alpha(n, state, 1, True, True) for n in nodes
                                if order[n.name] < order[s]}
     params = [a for pair in alphas.values() for a in pair if a is not None]
     params += [a for d in inter_alphas.values() for pair in d.values() for a in pair if a is not None]
     if not params or iters == 0:
-        return net._crown_output(final, C, values, lower, upper)
+        return net.output_bounds(state, C, lower, upper)
 
     ranges = {n.name: n.op.alpha_range for n in nodes}
     opt = torch.optim.Adam(params, lr=float(opts["lr_alpha"]))
@@ -122,8 +79,8 @@ def optimized_bounds(net: "BoundedModule", values, final, C: Optional[Tensor], l
     with torch.enable_grad():
         for it in range(iters + (0 if keep_best else 1)):
             if inter:
-                net._intervals(values, refine=True, alphas=inter_alphas)
-            lb, ub = net._crown_output(final, C, values, lower, upper, alphas)
+                net.interval_pass(state, refine=True, alphas=inter_alphas)
+            lb, ub = net.output_bounds(state, C, lower, upper, alphas)
             with torch.no_grad():
                 if lower:
                     better = torch.ones_like(lb, dtype=torch.bool) if best_l is None else lb > best_l
@@ -169,4 +126,4 @@ def optimized_bounds(net: "BoundedModule", values, final, C: Optional[Tensor], l
         return best_l, best_u
     # Each row's bound depends only on its own α: re-evaluating at the best α reproduces the best
     # bound, now differentiable w.r.t. the model and the input.
-    return net._crown_output(final, C, values, lower, upper, {k: tuple(pair) for k, pair in best_alpha.items()})
+    return net.output_bounds(state, C, lower, upper, {k: tuple(pair) for k, pair in best_alpha.items()})

@@ -2,8 +2,8 @@
 ``tests/test_fast_paths.py``.
 
 The reference IBP (``compute_bounds(method="IBP")``) runs a clean forward pass through the graph
-(`BoundedModule._run`), then one interval step per node (`_intervals`), then folds the spec C into
-the last linear layer (`_ibp_output`).  Here the same rules run as **one generated straight-line
+(`BoundedModule.prepare`), then one interval step per node (`interval_pass`), then folds the spec C into
+the last linear layer (`ibp_output_bounds`).  Here the same rules run as **one generated straight-line
 program** per BoundedModule and set of perturbed inputs (`ibp_program_source` prints it): one line
 per graph node, no dict of values, no per-node dispatch, each intermediate released after its last
 use, and (optionally) compiled by ``torch.compile`` so that the elementwise interval work between
@@ -15,9 +15,9 @@ is perturbed iff it has a bound rule and a perturbed input: the rules were attac
 construction to exactly the tensor-valued nodes that depend on an input), and the only thing
 the rules read from a perturbed input's clean value in ``ibp``/``ibp_ball``/``ibp_spec`` is its
 shape, dtype and device, except BatchNorm with batch statistics (training mode, or no running
-statistics), whose affine map *is* a function of the clean batch.  `_AUDIT` records this for
-every rule, read line by line; a rule not in it (a user's own, or a subclass) sends the model to
-the reference path.  So in eval mode a perturbed node's clean value is replaced by a NaN stand-in
+statistics), whose affine map *is* a function of the clean batch.  Each rule declares this next
+to its IBP (``BoundOp.ibp_operands``, ``BoundOp.ibp_reads_batch``); a rule that does not (a
+user's own, by default) sends the model to the reference path.  So in eval mode a perturbed node's clean value is replaced by a NaN stand-in
 of the right shape, dtype and device (a data read would poison the bounds instead of changing
 them silently), nodes without a perturbed input are still evaluated normally, and a node without a
 rule that consumes a perturbed one must be a shape query (``x.size()``, ``x.shape``, ...).  When
@@ -62,25 +62,15 @@ from torch import Tensor, fx, nn
 
 from .functionalize import call_module_safely
 from .graph import fetch_attr, is_shape_query
-from .ops.arithmetic import BoundAdd, BoundDiv, BoundMul, BoundNeg, BoundSub
-from .ops.base import Value
-from .ops.batchnorm import BoundBatchNorm
-from .ops.concat import BoundCat
-from .ops.conv import BoundConv2d
-from .ops.exp_log import BoundExp, BoundLog
-from .ops.identity import BoundIdentity
-from .ops.linear import BoundLinear
-from .ops.pooling import BoundAdaptiveAvgPool2d, BoundAvgPool2d, BoundMaxPool2d
-from .ops.reduce import BoundLogSumExp, BoundSum
-from .ops.relu import BoundLeakyReLU, BoundReLU
-from .ops.reshape import BoundPermute, BoundReshape
-from .ops.s_shaped import BoundSigmoid, BoundTanh
+from .ops.base import BoundOp, Value
 from .perturbations import Perturbation
+from .state import BoundState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .module import BoundedModule
+    from .bounded_module import BoundedModule
 
-__all__ = ["IBP_PROGRAM_OPTS", "ibp_program_bounds", "ibp_program_source", "compile_ibp", "program_supported"]
+__all__ = ["IBP_PROGRAM_OPTS", "check_ibp_program_opts", "ibp_program_bounds", "ibp_program_source", "compile_ibp",
+           "program_supported"]
 
 #: The options of this module and their defaults (merged into `certtrain.bounds.DEFAULT_OPTS`).
 IBP_PROGRAM_OPTS: dict[str, Any] = {
@@ -90,43 +80,6 @@ IBP_PROGRAM_OPTS: dict[str, Any] = {
     "ibp_autocast": None,        # "bfloat16": autocast in training only (see the module docstring)
     "ibp_cuda_graphs": False,    # CUDA graphs (torch.compile mode="reduce-overhead"), CUDA only
 }
-
-# ------------------------------------------------------------------------------------------ audit
-# Every rule's ibp(), ibp_ball() and (Linear) ibp_spec(), read for uses of an input's clean value
-# ``x.value``: where a perturbed input may appear ("unary": argument 0 only; "binary": 0 and 1;
-# "list": the tensors of argument 0), and what is read.  Other positions are read with const(),
-# i.e. as clean values, so a perturbed node there sends the model to the reference path.
-_AUDIT: dict[type, tuple[str, str]] = {
-    BoundLinear: ("unary", "ibp_spec: x.value.dim()"),
-    BoundConv2d: ("unary", "none"),
-    BoundBatchNorm: ("unary", "affine(): x.value.dtype/dim(); the batch itself when training or "
-                              "without running statistics (then the clean value is supplied)"),
-    BoundReLU: ("unary", "none"), BoundLeakyReLU: ("unary", "none"),
-    BoundSigmoid: ("unary", "none"), BoundTanh: ("unary", "none"),
-    BoundExp: ("unary", "none"), BoundLog: ("unary", "none"),
-    BoundAdd: ("binary", "none (const() of an unperturbed operand)"),
-    BoundSub: ("binary", "none (const() of an unperturbed operand)"),
-    BoundMul: ("binary", "none (const() of the unperturbed factor)"),
-    BoundDiv: ("binary", "none (const() of the unperturbed divisor)"),
-    BoundNeg: ("unary", "none"),
-    BoundCat: ("list", "const(tensors[0]).dim()"),
-    BoundIdentity: ("unary", "none"),
-    BoundAvgPool2d: ("unary", "none"),
-    BoundAdaptiveAvgPool2d: ("unary", "geometry(): x.value.shape"),
-    BoundMaxPool2d: ("unary", "none"),
-    BoundSum: ("unary", "_dims()/_scale(): x.value.dim()/shape"),
-    BoundLogSumExp: ("unary", "_dim(): x.value.dim()"),
-    BoundReshape: ("unary", "_check(): x.value.shape[0]"),
-    BoundPermute: ("unary", "perm(): x.value.dim()"),
-}
-
-def _needs_batch(op) -> bool:
-    """Whether a rule's IBP reads its input's clean batch (BatchNorm with batch statistics)."""
-    if isinstance(op, BoundBatchNorm):
-        m = op.module
-        return m.training or m.running_mean is None
-    return False
-
 
 # ------------------------------------------------------------------------------------- helpers
 # The generated program calls only these (and the rules): dynamo traces them inline.
@@ -152,11 +105,11 @@ def _ibp(op, name: str, args: tuple, kwargs: dict, clean: dict, nan: Tensor) -> 
 
 
 def _finish(op, final: Value, args: tuple, kwargs: dict, C: Optional[Tensor], kept: Optional[tuple]):
-    """`BoundedModule._ibp_output` (C folded into a last linear layer), plus the kept bounds."""
+    """`BoundedModule.ibp_output_bounds` (C folded into the last op where it can), plus the kept bounds."""
     if C is None:
         lb, ub = final.lower, final.upper
     else:
-        folded = op.ibp_spec(C, *args, **kwargs) if isinstance(op, BoundLinear) else None
+        folded = op.ibp_spec(C, *args, **kwargs) if op is not None else None
         if folded is not None:
             lb, ub = folded
         else:
@@ -178,7 +131,7 @@ def _nodes_in(a: Any) -> list:
 
 
 def _perturbed_elsewhere(n, rule: str, pert: dict) -> bool:
-    """Whether a perturbed node sits where the rule reads a clean value (see `_AUDIT`)."""
+    """Whether a perturbed node sits where the rule reads a clean value (see ``BoundOp.ibp_operands``)."""
     args, kwargs = n.fx_node.args, n.fx_node.kwargs
     k = {"unary": 1, "binary": 2, "list": 1}[rule]
     bounded = list(args[:k])
@@ -225,7 +178,7 @@ class _Program:
         self.source = (f"def ibp_program(inputs, boxes, balls, clean, C, nan):\n"
                        f"    # IBP of {type(net.model).__name__} ({len(ops)} bound rules), perturbed inputs "
                        f"{list(perturbed)}\n" + "".join(f"    {line}\n" for line in body))
-        self._globals = {"_K": consts, "_OP": ops, "_GM": net._gm, "_Value": Value, "_box": _box,
+        self._globals = {"_K": consts, "_OP": ops, "_GM": net.graph_module, "_Value": Value, "_box": _box,
                          "_ibp": _ibp, "_finish": _finish, "_fetch": fetch_attr,
                          "_safe": call_module_safely}
         self.fn = self.new_function()
@@ -237,7 +190,8 @@ class _Program:
         ops: list[Any] = []
         var: dict[str, str] = {}
         pert: dict[str, bool] = {}
-        kinds = {n.name: n.kind for n in net._nodes}
+        nodes = net.nodes
+        kinds = {n.name: n.kind for n in nodes}
 
         def lit(a: Any, raw: bool) -> str:
             if isinstance(a, fx.Node):
@@ -260,7 +214,7 @@ class _Program:
         lines: list[str] = []
         last_use: dict[str, int] = {}
         n_inputs = 0
-        for n in net._nodes:
+        for n in nodes:
             if n.kind == "output":
                 continue
             v = var[n.name] = f"v{len(var)}"
@@ -282,15 +236,17 @@ class _Program:
                 self.modules.append(n.module)
             p = pert[n.name] = n.op is not None and any(pert[m] for m in n.inputs)
             if p:
-                entry = _AUDIT.get(type(n.op))
-                if entry is None:
-                    raise _Unsupported(f"the rule {type(n.op).__name__} of node '{n.name}' is not audited "
-                                       "for clean-value reads (certtrain.bounds.ibp_program._AUDIT)")
-                if _perturbed_elsewhere(n, entry[0], pert):
+                operands = n.op.ibp_operands
+                if operands is None:
+                    raise _Unsupported(f"the rule {type(n.op).__name__} of node '{n.name}' does not declare "
+                                       "its clean-value reads (BoundOp.ibp_operands)")
+                if _perturbed_elsewhere(n, operands, pert):
                     raise _Unsupported(f"node '{n.name}' has a perturbed input where its rule "
                                        f"{type(n.op).__name__} reads a clean value")
-                if isinstance(n.op, BoundBatchNorm) and kinds[n.inputs[0]] != "placeholder":
-                    self.bn_inputs.append((n.op, n.inputs[0]))
+                src = n.arg_name(0)
+                if type(n.op).ibp_reads_batch is not BoundOp.ibp_reads_batch and src is not None \
+                        and kinds[src] != "placeholder":
+                    self.bn_inputs.append((n.op, src))
                 ops.append(n.op)
                 lines.append(f"{v} = _ibp(_OP[{len(ops) - 1}], {n.name!r}, {lit(tuple(args), False)}, "
                              f"{lit(dict(kwargs), False)}, clean, nan)")
@@ -312,7 +268,7 @@ class _Program:
                 consts.append(t)
                 call = f"_K[{len(consts) - 1}](" + ", ".join([lit(x, True) for x in args] + kw) + ")"
             lines.append(f"{v} = _Value({n.name!r}, {call}, False)")
-        final = net._by_name[net._final_name]
+        final = net.node(net.final_name)
         self.final_perturbed = pert.get(final.name, False)
         if final.kind != "placeholder" and self.final_perturbed:
             ops.append(final.op)
@@ -336,7 +292,7 @@ class _Program:
 
     def clean_needed(self) -> list[str]:
         """Nodes whose clean value a BatchNorm reads now (training mode: the batch statistics)."""
-        return [name for op, name in self.bn_inputs if _needs_batch(op)]
+        return [name for op, name in self.bn_inputs if op.ibp_reads_batch()]
 
 
 # --------------------------------------------------------------------------------------- state
@@ -403,9 +359,18 @@ def _autocast_dtype(opts: Mapping) -> Optional[torch.dtype]:
                      "would need loss scaling and is not offered")
 
 
+def check_ibp_program_opts(opts: Mapping) -> None:
+    """ValueError for a bad value of one of this module's options (called by the engine at
+    construction, so a typo fails before any work)."""
+    for key in ("ibp_skip_clean", "ibp_channels_last", "ibp_cuda_graphs"):
+        _flag(opts, key)
+    _compile_kwargs(opts)
+    _autocast_dtype(opts)
+
+
 def program_supported(net: "BoundedModule", perturbed: Optional[Sequence[bool]] = None) -> Optional[str]:
     """None if the fast program serves ``net`` (default: every input perturbed), else the reason."""
-    mask = tuple(perturbed) if perturbed is not None else (True,) * len(net._placeholders)
+    mask = tuple(perturbed) if perturbed is not None else (True,) * len(net.input_names)
     return _program(net, mask, False).reason
 
 
@@ -419,7 +384,7 @@ def _program(net, mask: tuple, keep: bool) -> _Program:
 
 def ibp_program_source(net: "BoundedModule", perturbed: Optional[Sequence[bool]] = None) -> str:
     """The generated straight-line IBP program of ``net`` (for reading; what torch.compile sees)."""
-    mask = tuple(perturbed) if perturbed is not None else (True,) * len(net._placeholders)
+    mask = tuple(perturbed) if perturbed is not None else (True,) * len(net.input_names)
     prog = _program(net, mask, False)
     if prog.reason is not None:
         raise ValueError(f"no fast IBP program for this model: {prog.reason}")
@@ -436,12 +401,12 @@ def compile_ibp(net: "BoundedModule", **compile_kwargs) -> "BoundedModule":
 
 # ----------------------------------------------------------------------------------- entry point
 def ibp_program_bounds(net: "BoundedModule", inputs: list[Tensor], ptbs: list[Optional[Perturbation]],
-                    C: Optional[Tensor], bound_lower: bool, bound_upper: bool, keep_intermediate: bool
-                    ) -> Optional[tuple[Optional[Tensor], Optional[Tensor]]]:
-    """IBP bounds by the fast program, or None where the reference path must run (options off,
-    an unaudited rule, no perturbed output).  Called by `BoundedModule.compute_bounds` after its
-    input checks; leaves the engine's state (forward cache, ``_ptbs``, kept bounds) as the
-    reference does."""
+                       C: Optional[Tensor], keep_intermediate: bool
+                       ) -> Optional[tuple[Tensor, Tensor, Optional[BoundState]]]:
+    """(lb, ub, state with the kept bounds or None) by the fast program, or None where the
+    reference path must run (options off, an undeclared rule, no perturbed output).  Called by
+    `BoundedModule.compute_bounds` after its input checks; the forward cache is used (or dropped)
+    as the reference does."""
     opts = net.bound_opts
     compile_kw = _compile_kwargs(opts)
     autocast = _autocast_dtype(opts)
@@ -464,14 +429,11 @@ def ibp_program_bounds(net: "BoundedModule", inputs: list[Tensor], ptbs: list[Op
         return None
     need = prog.clean_needed()
     if need:  # BatchNorm with batch statistics: the clean pass, exactly as the reference runs it
-        values = net._cached_values(inputs, list(mask))
-        if values is None:
-            values = net._run(inputs, list(mask))
+        values = net.clean_values(inputs, mask)
         clean = {name: values[name].value for name in need}
     else:
-        net._cache = None  # a cached forward serves one compute_bounds call, as in the reference
+        net.drop_forward_cache()  # a cached forward serves one compute_bounds call, as in the reference
         clean = {}
-    net._ptbs = {n.name: p for n, p in zip(net._placeholders, ptbs)}
     boxes = [p.interval(x) if p is not None else None for x, p in zip(inputs, ptbs)]
     balls = [p.ball(x) if p is not None else None for x, p in zip(inputs, ptbs)]
     if channels_last:
@@ -491,15 +453,14 @@ def ibp_program_bounds(net: "BoundedModule", inputs: list[Tensor], ptbs: list[Op
             lb, ub, kept = prog.fn(*call)
     if cast:
         lb, ub = lb.to(ref.dtype), ub.to(ref.dtype)
+    kept_state = None
     if kept is not None:
-        net._kept = {}
+        values = {}
         for name, (lo, up) in kept.items():
-            v = Value(name, None, True)
+            v = values[name] = Value(name, None, True)
             v.lower, v.upper = lo, up
-            net._kept[name] = v
-    else:
-        net._kept = None
-    return (lb if bound_lower else None), (ub if bound_upper else None)
+        kept_state = BoundState(values, dict(zip(net.input_names, ptbs)), order=[n.name for n in net.nodes])
+    return lb, ub, kept_state
 
 
 def _dont_skip():

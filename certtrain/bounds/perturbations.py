@@ -23,6 +23,9 @@ Number = Union[float, int]
 class Perturbation:
     """Base class: a set of inputs around a clean input x0."""
 
+    #: The set is exactly its `interval` (a box): IBP of an affine map of it is exact.
+    is_box: bool = False
+
     def interval(self, x0: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -60,6 +63,10 @@ class PerturbationLpNorm(Perturbation):
         self.eps, self.norm, self.x_L, self.x_U = eps, norm, x_L, x_U
         # Dual norm q with 1/p + 1/q = 1: max_{||d||_p<=eps} a.d = eps * ||a||_q.
         self.dual_norm = {math.inf: 1.0, 2.0: 2.0, 1.0: math.inf}[norm]
+
+    @property
+    def is_box(self) -> bool:  # type: ignore[override]
+        return self.norm == math.inf
 
     def __repr__(self) -> str:
         eps = self.eps if not isinstance(self.eps, Tensor) else f"tensor{tuple(self.eps.shape)}"

@@ -74,6 +74,8 @@ class ElementwiseRelaxOp(BoundOp):
 
     supports_patches = True
     relaxed_inputs = (0,)
+    monotone_elementwise = True
+    ibp_operands = "unary"
     #: Ops whose lower line on unstable neurons is a line through the origin with any slope in
     #: this range (ReLU: [0, 1]) set it; α-CROWN then optimizes that slope (Xu et al. 2021).
     alpha_range: ClassVar[Optional[tuple[float, float]]] = None
@@ -93,9 +95,8 @@ class ElementwiseRelaxOp(BoundOp):
         nl, lbias, nu, ubias = relax_backward(lA, uA, dl, bl, du, bu)
         return [(x, nl, nu)], lbias, ubias
 
-    def unstable(self, l: Tensor, u: Tensor) -> Tensor:
-        """Neurons whose lower line is free (α-CROWN's variables)."""
-        return (l < 0) & (u > 0)
+    def alpha_init(self, l: Tensor, u: Tensor) -> Tensor:
+        return self.relax(l, u)[0]  # the lower line's slope
 
     def backward_alpha(self, lA, uA, alpha: tuple[Optional[Tensor], Optional[Tensor]], x, *args, **kwargs):
         """Backward with the lower-line slope of unstable neurons given by ``alpha`` = (slopes for

@@ -37,6 +37,7 @@ def _scale_rows(A, c, like):
 
 
 class _AddSub(LinearOp):
+    ibp_operands = "binary"  # const() of an unperturbed operand
     supports_patches = True
     sign: float = 1.0
 
@@ -76,6 +77,7 @@ class BoundSub(_AddSub):
 
 class _Scale(LinearOp):
     """x * c or x / c for a constant c."""
+    ibp_operands = "binary"  # const() of the unperturbed factor
 
     supports_patches = True
     divide = False
@@ -116,6 +118,7 @@ class BoundDiv(_Scale):
 
 @register_op("Neg")
 class BoundNeg(LinearOp):
+    ibp_operands = "unary"
     targets = (operator.neg, torch.neg, "method:neg")
     supports_patches = True
 

@@ -2,7 +2,7 @@
 
 A bound rule is one `BoundOp` subclass: `ibp` maps input intervals to an output interval, and
 `backward` maps linear bounds on its output (CROWN's ``A`` matrices) to linear bounds on its
-inputs plus a constant term.  The graph walk (`certtrain.bounds.module`) never looks inside.
+inputs plus a constant term.  The graph walk (`certtrain.bounds.bounded_module`) never looks inside.
 """
 from __future__ import annotations
 
@@ -103,8 +103,21 @@ class BoundOp:
 
     targets: ClassVar[Sequence[Any]] = ()
     supports_patches: ClassVar[bool] = False  # if False the walk hands backward() dense coefficients only
-    # Indices of the inputs whose interval bounds `backward` needs (the relaxation's l, u).
+    #: Argument positions whose interval bounds `backward` needs (the relaxation's l, u).
     relaxed_inputs: ClassVar[tuple[int, ...]] = ()
+    #: IBP is exact for this op when its input is a box (an affine map of a box input: CROWN
+    #: cannot tighten it, so the walk skips refining it).
+    ibp_exact_on_box: ClassVar[bool] = False
+    #: Monotone elementwise op: IBP from tight input bounds is tight (the walk skips refining it).
+    monotone_elementwise: ClassVar[bool] = False
+    #: Range of the free parameter of the relaxation (α-CROWN's α), or None when it has none.
+    alpha_range: ClassVar[Optional[tuple[float, float]]] = None
+    #: For the IBP program (`certtrain.bounds.ibp_program`): where perturbed values may appear —
+    #: "unary" (argument 0), "binary" (arguments 0 and 1) or "list" (the tensors of argument 0) —
+    #: given that ``ibp``/``ibp_ball``/``ibp_spec`` read nothing of a perturbed input's clean value
+    #: but its shape, dtype and device (`ibp_reads_batch` says when they do).  None: not declared,
+    #: the program does not serve graphs with this op (the reference path does, always right).
+    ibp_operands: ClassVar[Optional[str]] = None
 
     def __init__(self, node: fx.Node, module: Optional[nn.Module], opts: dict):
         self.node, self.module, self.opts = node, module, opts
@@ -136,6 +149,29 @@ class BoundOp:
         """Mask (per flat neuron, any example) of relaxed-input neurons whose bounds matter;
         None means all of them."""
         return None
+
+    def ibp_spec(self, C: Tensor, *args, **kwargs) -> Optional[Interval]:
+        """IBP bounds of ``C @ output`` with C folded into this op (tighter than applying C to the
+        output interval), or None where the op cannot fold it."""
+        return None
+
+    def ibp_reads_batch(self) -> bool:
+        """Whether ``ibp`` now reads its input's clean *values* (BatchNorm with batch statistics):
+        the IBP program then supplies them (see ``ibp_operands``)."""
+        return False
+
+    def unstable(self, l: Tensor, u: Tensor) -> Tensor:
+        """Neurons where the relaxation's free parameter matters (α-CROWN's variables)."""
+        return (l < 0) & (u > 0)
+
+    def alpha_init(self, l: Tensor, u: Tensor) -> Tensor:
+        """The free parameter that plain CROWN uses (α-CROWN's starting point)."""
+        raise NotImplementedError(f"{type(self).__name__} has no free relaxation parameter")
+
+    def backward_alpha(self, lA: Optional[LinearA], uA: Optional[LinearA], alpha, *args, **kwargs):
+        """`backward` with the free parameters ``alpha`` = (for the lower bound's rows, for the
+        upper bound's rows), for ops with an ``alpha_range``."""
+        raise NotImplementedError(f"{type(self).__name__} has no free relaxation parameter")
 
 
 class LinearOp(BoundOp):

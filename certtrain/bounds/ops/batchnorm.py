@@ -17,8 +17,13 @@ from .registry import register_op
 
 @register_op("BatchNorm")
 class BoundBatchNorm(LinearOp):
+    ibp_operands = "unary"  # affine(): x.value.dtype/dim(); the batch itself with batch statistics
     targets = (nn.BatchNorm1d, nn.BatchNorm2d)
     supports_patches = True
+
+    def ibp_reads_batch(self) -> bool:
+        m = self.module
+        return m.training or m.running_mean is None
 
     def affine(self, x) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) per channel so that y = scale * x + shift."""

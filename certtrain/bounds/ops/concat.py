@@ -10,6 +10,7 @@ from .registry import UnsupportedOperation, register_op
 
 @register_op("Cat")
 class BoundCat(LinearOp):
+    ibp_operands = "list"  # const(tensors[0]).dim()
     targets = (torch.cat, torch.concat)
     supports_patches = True
 

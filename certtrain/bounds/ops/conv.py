@@ -60,6 +60,8 @@ def channel_bias(A: LinearA, b: Tensor) -> Tensor:
 
 @register_op("Conv2d")
 class BoundConv2d(LinearOp):
+    ibp_operands = "unary"
+    ibp_exact_on_box = True
     targets = (nn.Conv2d, F.conv2d)
     supports_patches = True
 

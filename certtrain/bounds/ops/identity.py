@@ -11,6 +11,7 @@ from .registry import UnsupportedOperation, register_op
 
 @register_op("Identity")
 class BoundIdentity(LinearOp):
+    ibp_operands = "unary"
     targets = (nn.Identity, nn.Dropout, nn.Dropout2d, F.dropout, torch.clone, "method:clone")
     supports_patches = True
 

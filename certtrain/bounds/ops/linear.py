@@ -11,6 +11,8 @@ from .registry import register_op
 
 @register_op("Linear")
 class BoundLinear(LinearOp):
+    ibp_operands = "unary"
+    ibp_exact_on_box = True
     targets = (nn.Linear, F.linear)
 
     def params(self, args):

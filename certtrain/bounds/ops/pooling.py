@@ -21,6 +21,7 @@ def _node_arg(node, i, name, default):
 
 class _UniformPool(LinearOp):
     """Average pooling over k x k windows with stride s and zero padding p (count_include_pad)."""
+    ibp_operands = "unary"  # geometry(): x.value.shape
 
     supports_patches = True
 
@@ -82,6 +83,7 @@ class BoundAdaptiveAvgPool2d(_UniformPool):
 
 @register_op("MaxPool2d")
 class BoundMaxPool2d(BoundOp):
+    ibp_operands = "unary"
     targets = (nn.MaxPool2d, F.max_pool2d)
     relaxed_inputs = (0,)
 

@@ -32,6 +32,7 @@ def _expand_back(A: Tensor, in_shape, dims, keepdim) -> Tensor:
 
 @register_op("Sum")
 class BoundSum(LinearOp):
+    ibp_operands = "unary"  # _dims()/_scale(): x.value.dim()/shape
     targets = (torch.sum, "method:sum", torch.mean, "method:mean")
 
     @property
@@ -67,7 +68,7 @@ class BoundLogSumExp(BoundOp):
     sum_j exp(m_j - c) <= S(m), an affine function in [s_l, s_u]; log is concave, so
     log S <= log s0 + (S - s0) / s0 for any s0 > 0.  Hence f(m) <= c + log s0 - 1 + S(m) / s0.
     """
-
+    ibp_operands = "unary"  # _dim(): x.value.dim()
     targets = (torch.logsumexp, "method:logsumexp")
     relaxed_inputs = (0,)
 

@@ -14,6 +14,7 @@ from .registry import UnsupportedOperation, register_op
 
 @register_op("Reshape")
 class BoundReshape(LinearOp):
+    ibp_operands = "unary"  # _check(): x.value.shape[0]
     targets = (nn.Flatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                "method:view", "method:reshape", "method:flatten", "method:squeeze",
                "method:unsqueeze", "method:contiguous")
@@ -42,6 +43,7 @@ class BoundReshape(LinearOp):
 
 @register_op("Permute")
 class BoundPermute(LinearOp):
+    ibp_operands = "unary"  # perm(): x.value.dim()
     targets = (torch.permute, torch.transpose, "method:permute", "method:transpose", "method:t")
 
     def perm(self, x, args, kwargs):

@@ -1,6 +1,7 @@
 """BoundedModule: bounds of a traced model's outputs over a perturbation of its inputs.
 
-The graph walk lives here; the maths of each op lives in `certtrain.bounds.ops`.
+The graph walk lives here; the maths of each op lives in `certtrain.bounds.ops`, and everything
+one computation knows lives in a `BoundState` that the walk is handed explicitly.
 
 * IBP (Gowal et al. 2018): intervals propagated forward through every node.
 * CROWN (Zhang et al. 2018): linear bounds propagated backward from the output to the inputs,
@@ -9,67 +10,79 @@ The graph walk lives here; the maths of each op lives in `certtrain.bounds.ops`.
   relaxation they change (the unstable ones, judged by IBP from the already tightened inputs, as
   auto_LiRPA does with its "sparse intermediate bounds").
 * CROWN-IBP (Zhang et al. 2020): IBP for every intermediate node, CROWN for the output.
+
+**The walk interface** (what α-CROWN, the IBP program and every future algorithm build on):
+
+=============================================  ==================================================
+``net.prepare(x, intermediate_bounds=None)``   check the inputs, run (or reuse) the clean pass:
+                                                a fresh `BoundState`
+``net.interval_pass(state, refine, alphas)``   bounds of every node in topological order (IBP;
+                                                with ``refine`` the inputs of relaxed ops by CROWN)
+``net.output_bounds(state, C, ...)``           CROWN bounds of the spec rows C on the output
+``net.node_bounds(state, name, rows, ...)``    CROWN bounds of chosen neurons of any node
+``net.ibp_output_bounds(state, C)``            IBP bounds of the spec (folded into the last layer)
+``net.nodes`` / ``net.node(name)``             the graph, topological order (`BoundNode`)
+``net.relaxed_input_names(state)``             nodes whose bounds some relaxation reads
+``net.optimizable_nodes(state)``               relaxed nodes with a free parameter (α)
+=============================================  ==================================================
 """
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, fx, nn
 
-from .alpha_crown import DEFAULT_ALPHA_OPTS, check_alpha_opts, optimized_bounds
-from .ibp_program import IBP_PROGRAM_OPTS, ibp_program_bounds
+from .alpha_crown import optimized_bounds
 from .functionalize import call_module_safely
 from .graph import BoundNode, attach_op, build_nodes, fetch_attr, is_shape_query, trace
+from .ibp_program import IBP_PROGRAM_OPTS, check_ibp_program_opts, ibp_program_bounds
+from .methods import ALPHA_DEFAULTS, BoundMethod, check_alpha_opts, get_method
 from .ops.base import Value
 from .ops.registry import UnsupportedOperation, source_line
-from .ops.linear import BoundLinear
-from .ops.conv import BoundConv2d
 from .patches import LinearA, Patches, to_dense
-from .perturbations import Perturbation, PerturbationLpNorm
+from .perturbations import Perturbation
+from .state import BoundState
 from .tensor import BoundedTensor
 
-_METHODS = {
-    "ibp": "IBP",
-    "crown": "CROWN", "backward": "CROWN",
-    "crown-ibp": "CROWN-IBP", "crown_ibp": "CROWN-IBP", "ibp+backward": "CROWN-IBP",
-    "crownibp": "CROWN-IBP",
-    "alpha-crown": "alpha-CROWN", "alpha_crown": "alpha-CROWN", "alphacrown": "alpha-CROWN",
-    "crown-optimized": "alpha-CROWN", "crown_optimized": "alpha-CROWN", "α-crown": "alpha-CROWN",
-}
-_FUTURE = {"forward", "forward+backward", "dynamic-forward"}
-
-DEFAULT_OPTS = {
+DEFAULT_OPTS: dict[str, Any] = {
     "relu": "adaptive",           # lower slope of unstable ReLUs: adaptive | same-slope | zero
     "conv_mode": "patches",       # patches | matrix (dense), for CROWN through convolutions
     "memory_budget": 1 << 30,     # bytes of CROWN coefficients per chunk of rows
     "sparse_intermediate_bounds": True,  # CROWN only for neurons whose relaxation they change
     "intersect_intermediate": True,  # intermediate bounds: CROWN ∩ IBP (False: CROWN alone, as auto_LiRPA)
-    "optimize_bound_args": dict(DEFAULT_ALPHA_OPTS),  # alpha-CROWN (see certtrain.bounds.alpha_crown)
+    "optimize_bound_args": dict(ALPHA_DEFAULTS),  # alpha-CROWN (see certtrain.bounds.methods)
     **IBP_PROGRAM_OPTS,           # fast IBP paths: ibp_skip_clean, ibp_compile, ... (certtrain.bounds.ibp_program)
 }
 _OPT_ALIASES = {"activation_bound_option": "relu"}
+_RELU_VALUES = ("adaptive", "same-slope", "zero")
 _RELU_ALIASES = {"zero-lb": "zero"}
 
 
-def _resolve_method(method: Optional[str], IBP: bool, forward: bool) -> str:
-    if forward:
-        raise NotImplementedError("forward-mode LiRPA is not implemented yet; use method='CROWN'")
-    if method is None:
-        if IBP:
-            return "IBP"
-        raise ValueError("compute_bounds needs a method: 'IBP', 'CROWN', 'CROWN-IBP' or 'alpha-CROWN'")
-    key = method.lower().replace(" ", "")
-    if key in _FUTURE:
-        raise NotImplementedError(f"method {method!r} is not implemented yet; use 'IBP', 'CROWN', "
-                                  "'CROWN-IBP' or 'alpha-CROWN'")
-    if key not in _METHODS:
-        raise ValueError(f"unknown method {method!r}: use 'IBP', 'CROWN' (alias 'backward'), "
-                         "'CROWN-IBP' (alias 'IBP+backward') or 'alpha-CROWN' (alias 'CROWN-Optimized')")
-    m = _METHODS[key]
-    return "CROWN-IBP" if (IBP and m == "CROWN") else m
+def check_bound_opts(bound_opts: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """`DEFAULT_OPTS` updated by ``bound_opts``; an unknown key or a bad value is a ValueError that
+    names it and what is accepted."""
+    opts = dict(DEFAULT_OPTS)
+    for k, v in dict(bound_opts or {}).items():
+        key = _OPT_ALIASES.get(k, k)
+        if key not in DEFAULT_OPTS:
+            raise ValueError(f"unknown bound_opts key {k!r}; available: {', '.join(DEFAULT_OPTS)}")
+        opts[key] = _RELU_ALIASES.get(v, v) if key == "relu" else v
+    if opts["relu"] not in _RELU_VALUES:
+        raise ValueError(f"bound_opts relu={opts['relu']!r}: use 'adaptive', 'same-slope' or 'zero'")
+    if opts["conv_mode"] not in ("patches", "matrix"):
+        raise ValueError(f"bound_opts conv_mode={opts['conv_mode']!r}: use 'patches' or 'matrix'")
+    mb = opts["memory_budget"]
+    if isinstance(mb, bool) or not isinstance(mb, (int, float)) or not mb > 0:
+        raise ValueError(f"bound_opts memory_budget must be a positive number of bytes, got {mb!r}")
+    for k in ("sparse_intermediate_bounds", "intersect_intermediate"):
+        if not isinstance(opts[k], bool):
+            raise ValueError(f"bound_opts {k} must be true or false, got {opts[k]!r}")
+    opts["optimize_bound_args"] = check_alpha_opts(opts["optimize_bound_args"], where="bound_opts.optimize_bound_args")
+    check_ibp_program_opts(opts)
+    return opts
 
 
 def _carries_tensor(v: Any) -> bool:
@@ -92,24 +105,15 @@ class BoundedModule(nn.Module):
     """Wrap ``model`` so that ``compute_bounds`` gives guaranteed output bounds.
 
     ``global_input`` is an example input (a tensor or tuple of tensors) used to trace and check
-    the model; any batch size works afterwards.  ``bound_opts`` overrides `DEFAULT_OPTS`.
+    the model; any batch size works afterwards.  ``bound_opts`` overrides `DEFAULT_OPTS` (an
+    unknown key is an error).
     """
 
     def __init__(self, model: nn.Module, global_input: Union[Tensor, Sequence[Tensor]],
-                 bound_opts: Optional[dict] = None, device: Any = None, verbose: bool = False):
+                 bound_opts: Optional[Mapping[str, Any]] = None, device: Any = None, verbose: bool = False):
         super().__init__()
         self.model = model
-        opts = dict(DEFAULT_OPTS)
-        for k, v in (bound_opts or {}).items():
-            k = _OPT_ALIASES.get(k, k)
-            if k in opts:
-                opts[k] = _RELU_ALIASES.get(v, v) if k == "relu" else v
-        if opts["relu"] not in ("adaptive", "same-slope", "zero"):
-            raise ValueError(f"bound_opts relu={opts['relu']!r}: use 'adaptive', 'same-slope' or 'zero'")
-        if opts["conv_mode"] not in ("patches", "matrix"):
-            raise ValueError(f"bound_opts conv_mode={opts['conv_mode']!r}: use 'patches' or 'matrix'")
-        opts["optimize_bound_args"] = check_alpha_opts(opts["optimize_bound_args"])
-        self.bound_opts = opts
+        self.bound_opts = check_bound_opts(bound_opts)
         gm = trace(model)
         object.__setattr__(self, "_gm", gm)  # shares the user's submodules; not a child module
         self._nodes: list[BoundNode] = build_nodes(gm)
@@ -155,13 +159,43 @@ class BoundedModule(nn.Module):
         self._output_shape = tuple(out.shape[1:])
         self._warned_grad = False
         self._cache = None
-        self._kept: Optional[dict[str, Value]] = None
+        self._last: Optional[BoundState] = None  # of the last call with keep_intermediate
 
     # ---------------------------------------------------------------- graph facts
+    @property
+    def nodes(self) -> list[BoundNode]:
+        """The traced graph's nodes in topological order (the output node last)."""
+        return list(self._nodes)
+
+    def node(self, name: str) -> BoundNode:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no graph node {name!r}; nodes: {', '.join(self._by_name)}") from None
+
+    def consumers(self, name: str) -> list[BoundNode]:
+        """The nodes that read node ``name``."""
+        return list(self._consumers[name])
+
     @property
     def input_names(self) -> list[str]:
         """Names of the graph's input nodes, in the order of the model's arguments."""
         return [n.name for n in self._placeholders]
+
+    @property
+    def final_name(self) -> str:
+        """Name of the node whose value the model returns."""
+        return self._final_name
+
+    @property
+    def output_shape(self) -> tuple:
+        """Per-example shape of the model's output."""
+        return self._output_shape
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The traced (and functionalized) graph; shares the user's submodules."""
+        return self._gm
 
     def pre_activation_names(self) -> list[str]:
         """Names of the nodes whose bounds a relaxed op (ReLU, Sigmoid, MaxPool ...) consumes, in
@@ -176,10 +210,9 @@ class BoundedModule(nn.Module):
     def save_intermediate(self) -> "dict[str, tuple[Tensor, Tensor]]":
         """Bounds (lower, upper) of every perturbed node from the last ``compute_bounds`` call made
         with ``keep_intermediate=True`` (auto_LiRPA's name), keyed by node name in topological order."""
-        if self._kept is None:
+        if self._last is None:
             raise RuntimeError("no intermediate bounds kept: call compute_bounds(..., keep_intermediate=True) first")
-        return {n.name: (self._kept[n.name].lower, self._kept[n.name].upper) for n in self._nodes
-                if n.name in self._kept and self._kept[n.name].perturbed and n.kind != "output"}
+        return {k: v for k, v in self._last.intermediate().items() if k != self._output.name}
 
     # ---------------------------------------------------------------- forward
     def forward(self, *x: Tensor) -> Tensor:
@@ -199,10 +232,17 @@ class BoundedModule(nn.Module):
                 tuple(p._version for p in self.model.parameters()),
                 tuple(m.training for m in self.model.modules()), torch.is_grad_enabled())
 
-    def _cached_values(self, inputs: list[Tensor], perturbed: list[bool]) -> Optional[dict[str, Value]]:
+    def drop_forward_cache(self) -> None:
+        """Forget the values kept by the last ``forward`` (a cache serves one bound computation)."""
+        self._cache = None
+
+    def clean_values(self, inputs: list[Tensor], perturbed: Sequence[bool]) -> dict[str, Value]:
+        """Every node's clean value for plain input tensors (the last ``forward``'s when it ran on
+        the same inputs and parameters, else a fresh pass), marked by whether it depends on a
+        perturbed input.  The values belong to the caller (a new state)."""
         cache, self._cache = self._cache, None  # a cache serves one compute_bounds call
         if cache is None or cache[0] != self._cache_key(inputs):
-            return None
+            return self._run(inputs, list(perturbed))
         values = cache[1]
         for n in self._nodes:  # re-mark which nodes depend on the perturbed inputs
             v = values.get(n.name)
@@ -254,7 +294,9 @@ class BoundedModule(nn.Module):
         return values
 
     # ---------------------------------------------------------------- checks
-    def _check_inputs(self, x) -> tuple[list[Tensor], list[Optional[Perturbation]]]:
+    def check_inputs(self, x) -> tuple[list[Tensor], list[Optional[Perturbation]]]:
+        """(plain tensors, perturbations) of ``x`` (tensors / BoundedTensors), checked: count,
+        shape, finiteness, dtype, and each perturbation's own settings."""
         xs = self._as_inputs(x)
         if len(xs) != len(self._placeholders):
             raise ValueError(f"the model takes {len(self._placeholders)} input(s), got {len(xs)}")
@@ -275,12 +317,15 @@ class BoundedModule(nn.Module):
                 raise TypeError(f"input {i} is {t.dtype} but the model's parameters are {params.dtype}: "
                                 f"convert one of them (e.g. model.to({t.dtype}))")
             if ptb is not None:
+                if not isinstance(ptb, Perturbation):
+                    raise TypeError(f"input {i}: ptb must be a certtrain.bounds.Perturbation, got {type(ptb).__name__}")
                 ptb.validate(t)
             plain.append(t)
             ptbs.append(ptb)
         return plain, ptbs
 
-    def _check_C(self, C: Optional[Tensor], batch: int, ref: Tensor) -> Optional[Tensor]:
+    def check_spec(self, C: Optional[Tensor], batch: int, ref: Tensor) -> Optional[Tensor]:
+        """The spec C checked and expanded to (batch, n_spec, n_out) in ``ref``'s dtype (or None)."""
         if C is None:
             return None
         n_out = math.prod(self._output_shape)
@@ -291,106 +336,88 @@ class BoundedModule(nn.Module):
             raise ValueError("C contains NaN or inf")
         return C.to(ref.dtype).expand(batch, *C.shape[1:])
 
-    # ---------------------------------------------------------------- bounds
-    def compute_bounds(self, x: Union[Tensor, Sequence[Tensor], None] = None, C: Optional[Tensor] = None,
-                       method: Optional[str] = "CROWN", IBP: bool = False, forward: bool = False,
-                       bound_lower: bool = True, bound_upper: bool = True,
-                       keep_intermediate: bool = False, optimize_bound_args: Optional[dict] = None, **unused
-                       ) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """Lower and upper bounds of ``C @ model(x)`` (or of the outputs) over the perturbation.
+    # ---------------------------------------------------------------- the walk
+    def prepare(self, x, intermediate_bounds: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None) -> BoundState:
+        """A fresh `BoundState` for inputs ``x`` (tensors / BoundedTensors): inputs checked, clean
+        values computed (or reused from the last ``forward``), no bounds yet.
+        ``intermediate_bounds``: {node: (lower, upper)} that hold over the set being bounded
+        (e.g. a branch-and-bound domain); every walk over the state intersects them in."""
+        inputs, ptbs = self.check_inputs(x)
+        values = self.clean_values(inputs, [p is not None for p in ptbs])
+        state = BoundState(values, {n.name: p for n, p in zip(self._placeholders, ptbs)},
+                           order=[n.name for n in self._nodes])
+        for name, (lo, up) in dict(intermediate_bounds or {}).items():
+            if name not in self._by_name:
+                raise ValueError(f"intermediate_bounds names {name!r}, which is no graph node; nodes: "
+                                 f"{', '.join(self._by_name)}")
+            state.fix(name, lo, up)
+        return state
 
-        Returns (lb, ub), each (batch, n_spec) with C, else (batch, *output_shape); a side not
-        asked for is None.  ``keep_intermediate=True`` keeps every node's bounds of this call for
-        `save_intermediate` (differentiable; off by default so training holds no extra memory).
-        ``optimize_bound_args`` overrides ``bound_opts["optimize_bound_args"]`` for method
-        "alpha-CROWN" (see `certtrain.bounds.alpha_crown`).
-        """
-        if x is None:
-            raise ValueError("compute_bounds needs x=(BoundedTensor(...),)")
-        method = _resolve_method(method, IBP, forward)
-        alpha_opts = check_alpha_opts(optimize_bound_args, self.bound_opts["optimize_bound_args"]) \
-            if method == "alpha-CROWN" else None
-        inputs, ptbs = self._check_inputs(x)
-        batch = inputs[0].shape[0]
-        C = self._check_C(C, batch, inputs[0])
-        if method == "IBP":  # no clean pass where none is needed; compiled program (ibp_program)
-            fast = ibp_program_bounds(self, inputs, ptbs, C, bound_lower, bound_upper, keep_intermediate)
-            if fast is not None:
-                return fast
-        perturbed = [p is not None for p in ptbs]
-        values = self._cached_values(inputs, perturbed)
-        if values is None:
-            values = self._run(inputs, perturbed)
-        self._ptbs = {n.name: p for n, p in zip(self._placeholders, ptbs)}
-        final = values[self._final_name]
-        if not final.perturbed:
-            out = final.value.flatten(1)
-            out = torch.bmm(C, out.unsqueeze(-1)).squeeze(-1) if C is not None else final.value
-            return (out if bound_lower else None), (out if bound_upper else None)
-        if method in ("CROWN", "alpha-CROWN") and torch.is_grad_enabled() and not self._warned_grad:
-            self._warned_grad = True
-            warnings.warn("CROWN with gradients enabled: autograd keeps every intermediate coefficient "
-                          "matrix, so memory_budget cannot bound memory. For verification, call "
-                          "compute_bounds under torch.no_grad().", stacklevel=2)
-        self._intervals(values, refine=(method in ("CROWN", "alpha-CROWN")))
-        self._kept = values if keep_intermediate else None
-        if method == "IBP":
-            lb, ub = self._ibp_output(final, C, values)
-        elif method == "alpha-CROWN":
-            lb, ub = optimized_bounds(self, values, final, C, bound_lower, bound_upper, alpha_opts)
-        else:
-            lb, ub = self._crown_output(final, C, values, bound_lower, bound_upper)
-        return (lb if bound_lower else None), (ub if bound_upper else None)
-
-    def _ibp_node(self, n: BoundNode, values: dict[str, Value]):
-        v = values[n.name]
+    def _ibp_node(self, n: BoundNode, state: BoundState):
+        v = state.values[n.name]
         if n.kind == "placeholder":
-            v.ball = self._ptbs[n.name].ball(v.value)
-            return self._ptbs[n.name].interval(v.value)
-        args, kwargs = self._args(n, values, raw=False)
+            ptb = state.ptbs[n.name]
+            v.ball = ptb.ball(v.value)
+            return ptb.interval(v.value)
+        args, kwargs = self._args(n, state.values, raw=False)
         v.ball = n.op.ibp_ball(*args, **kwargs)
         return n.op.ibp(*args, **kwargs)
 
-    def _intervals(self, values: dict[str, Value], refine: bool, alphas: Optional[dict] = None) -> None:
-        """Interval bounds of every perturbed node, in topological order; with ``refine`` the inputs
-        of relaxed ops are tightened by CROWN before their consumers use them (with the α-CROWN
-        slopes ``alphas[node]`` when given)."""
-        need = self._needs_bounds(values) if refine else set()
+    def interval_pass(self, state: BoundState, refine: bool = False, alphas: Optional[dict] = None) -> None:
+        """Bounds of every perturbed node, in topological order: IBP, intersected with the state's
+        fixed bounds; with ``refine`` the inputs of relaxed ops are tightened by CROWN before their
+        consumers use them (with the α-CROWN slopes ``alphas[node]`` when given)."""
+        need = self.relaxed_input_names(state) if refine else set()
         for n in self._nodes:
-            v = values.get(n.name)
+            v = state.values.get(n.name)
             if v is None or not v.perturbed:
                 continue
-            v.set_interval(self._ibp_node(n, values))
-            if n.name in need and not self._ibp_is_exact(n, values):
-                self._refine(n, values, alphas.get(n.name) if alphas else None)
+            v.set_interval(self._ibp_node(n, state))
+            if state.apply_fixed(n.name):
+                continue  # the caller's bounds (already at least as tight as it wants)
+            if n.name in need and not self._ibp_is_exact(n, state):
+                self._refine(n, state, alphas.get(n.name) if alphas else None)
 
-    def _needs_bounds(self, values) -> set[str]:
+    def relaxed_input_names(self, state: BoundState) -> set[str]:
+        """Nodes whose bounds the relaxation of a perturbed op reads."""
         need = set()
         for n in self._nodes:
-            if n.op is not None and values.get(n.name) is not None and values[n.name].perturbed:
+            if n.op is not None and state.perturbed(n.name):
                 need.update(n.relaxed_names)
         return need
 
-    def _ibp_is_exact(self, n: BoundNode, values) -> bool:
-        """IBP is as tight as CROWN for a linear layer fed directly by a box, and (as in auto_LiRPA)
-        is used for the output of a monotone elementwise op, whose input bounds are already tight."""
+    def optimizable_nodes(self, state: BoundState) -> list[BoundNode]:
+        """Relaxed nodes with a free relaxation parameter (``op.alpha_range``) and at least one
+        neuron where it is free, in topological order."""
+        out = []
+        for n in self._nodes:
+            if n.op is None or n.op.alpha_range is None or not state.perturbed(n.name):
+                continue
+            l, u = state.bounds(n.relaxed_names[0])
+            if bool(n.op.unstable(l, u).any()):
+                out.append(n)
+        return out
+
+    def _ibp_is_exact(self, n: BoundNode, state: BoundState) -> bool:
+        """IBP is as tight as CROWN for an affine op fed directly by a box (``op.ibp_exact_on_box``
+        and ``ptb.is_box``), and (as in auto_LiRPA) is used for the output of a monotone
+        elementwise op, whose input bounds are already tight."""
         if n.op is None:
             return True
-        if isinstance(n.op, (BoundLinear, BoundConv2d)):
-            src = self._by_name[n.arg_name(0) or n.inputs[0]]
-            return src.kind == "placeholder" and isinstance(self._ptbs[src.name], PerturbationLpNorm) \
-                and self._ptbs[src.name].norm == math.inf
-        return getattr(n.op, "relaxed_inputs", ()) == (0,) and hasattr(n.op, "relax")
+        if n.op.ibp_exact_on_box:
+            src = n.arg_name(0)
+            return src in state.ptbs and state.ptbs[src] is not None and state.ptbs[src].is_box
+        return n.op.monotone_elementwise
 
-    def _refine(self, n: BoundNode, values: dict[str, Value], alphas: Optional[dict] = None) -> None:
-        v = values[n.name]
+    def _refine(self, n: BoundNode, state: BoundState, alphas: Optional[dict] = None) -> None:
+        v = state.values[n.name]
         shape = v.value.shape[1:]
         numel = math.prod(shape)
         rows = None  # None: every neuron
         if self.bound_opts["sparse_intermediate_bounds"]:
             masks = []
             for c in self._consumers[n.name]:
-                if c.op is None or not values[c.name].perturbed:
+                if c.op is None or not state.perturbed(c.name):
                     continue
                 if n.name in c.relaxed_names:
                     masks.append(c.op.rows_to_refine(v.lower, v.upper))
@@ -401,7 +428,7 @@ class BoundedModule(nn.Module):
                 if rows.numel() > 0.9 * numel:  # nearly all: bound every neuron (auto_LiRPA's rule)
                     rows = None
         all_rows = torch.arange(numel, device=v.value.device) if rows is None else rows
-        lb, ub = self._backward_rows(n, all_rows, values, alphas=alphas)
+        lb, ub = self.node_bounds(state, n.name, all_rows, alphas=alphas)
         # Both the interval and the CROWN bound hold: keep their intersection (CROWN can be
         # looser than IBP for some neurons, e.g. after a saturated sigmoid).
         lo, up = v.lower.flatten(1), v.upper.flatten(1)
@@ -416,20 +443,22 @@ class BoundedModule(nn.Module):
             lo[:, rows], up[:, rows] = lb, ub
             v.lower, v.upper = lo.view_as(v.value), up.view_as(v.value)
 
-    def _chunk_rows(self, start: BoundNode, values, batch: int, itemsize: int) -> int:
-        """Rows per chunk so that the dense coefficients of the widest node fit the budget."""
-        widest = max(math.prod(values[n.name].value.shape[1:]) for n in self._nodes[: self._index[start.name] + 1]
-                     if n.name in values and values[n.name].perturbed)
-        per_row = batch * widest * itemsize * 4
+    def rows_per_chunk(self, state: BoundState, start: str) -> int:
+        """Rows of a backward pass from node ``start`` per chunk, so that the dense coefficients of
+        the widest node on the way fit ``memory_budget``."""
+        v = state.values[start].value
+        widest = max(math.prod(state.values[n.name].value.shape[1:]) for n in self._nodes[: self._index[start] + 1]
+                     if state.perturbed(n.name))
+        per_row = v.shape[0] * widest * v.element_size() * 4
         return max(1, int(self.bound_opts["memory_budget"] // per_row))
 
-    def _chunked_backward(self, n: BoundNode, n_rows: int, rows_A0, values, lower: bool, upper: bool,
-                          alphas: Optional[dict] = None):
-        """CROWN bounds of ``n_rows`` rows on node n, in chunks that fit the memory budget;
-        ``rows_A0(start, stop)`` gives the coefficients of rows start..stop-1.  ``alphas``: α-CROWN
-        slopes per relaxed node, (lower-side, upper-side) tensors with one row per row of n (or 1)."""
-        v = values[n.name].value
-        step = self._chunk_rows(n, values, v.shape[0], v.element_size())
+    def chunked_backward(self, state: BoundState, start: str, n_rows: int, rows_A0, lower: bool = True,
+                         upper: bool = True, alphas: Optional[dict] = None):
+        """CROWN bounds of ``n_rows`` linear functions of node ``start``, in chunks that fit the
+        memory budget; ``rows_A0(i, j)`` gives the coefficients of rows i..j-1 (dense
+        (B, rows, *shape) or `Patches`).  ``alphas``: α-CROWN slopes per relaxed node,
+        (lower-side, upper-side) tensors with one row per row (or 1, shared)."""
+        step = self.rows_per_chunk(state, start)
         lbs, ubs = [], []
         for s in range(0, n_rows, step):
             e = min(s + step, n_rows)
@@ -437,14 +466,16 @@ class BoundedModule(nn.Module):
             if alphas:
                 chunk = {k: tuple(a if a is None or a.shape[1] == 1 else a[:, s:e] for a in pair)
                          for k, pair in alphas.items()}
-            lb, ub = self._backward(n, rows_A0(s, e), values, lower, upper, chunk)
+            lb, ub = self.backward(state, start, rows_A0(s, e), lower, upper, chunk)
             lbs.append(lb)
             ubs.append(ub)
         return (torch.cat(lbs, 1) if lower else None), (torch.cat(ubs, 1) if upper else None)
 
-    def _backward_rows(self, n: BoundNode, rows: Tensor, values, lower=True, upper=True, alphas=None):
-        """CROWN bounds of the given flat neurons of node n (identity rows)."""
-        v = values[n.name].value
+    def node_bounds(self, state: BoundState, name: str, rows: Tensor, lower: bool = True, upper: bool = True,
+                    alphas: Optional[dict] = None):
+        """CROWN bounds (B, len(rows)) of the given flat neurons of node ``name``; the state must
+        hold bounds for every relaxed node before it (`interval_pass`)."""
+        v = state.values[name].value
         B, shape = v.shape[0], tuple(v.shape[1:])
 
         def identity(start, stop):
@@ -455,24 +486,26 @@ class BoundedModule(nn.Module):
             A0[:, torch.arange(r.numel(), device=v.device), r] = 1.0
             return A0.view(B, r.numel(), *shape)
 
-        return self._chunked_backward(n, rows.numel(), identity, values, lower, upper, alphas)
+        return self.chunked_backward(state, name, rows.numel(), identity, lower, upper, alphas)
 
-    def _backward(self, start: BoundNode, A0: LinearA, values: dict[str, Value], lower: bool, upper: bool,
-                  alphas: Optional[dict] = None):
-        """Propagate linear bounds A0 on ``start`` back to the inputs and concretize them; relaxed
-        nodes named in ``alphas`` use those lower-line slopes (α-CROWN) instead of their default."""
-        acc: dict[str, list] = {start.name: [A0 if lower else None, A0 if upper else None]}
-        ref = values[start.name].value
+    def backward(self, state: BoundState, start: str, A0: LinearA, lower: bool = True, upper: bool = True,
+                 alphas: Optional[dict] = None):
+        """Propagate linear bounds A0 on node ``start`` back to the inputs and concretize them over
+        the state's perturbations: (lb, ub), each (B, rows); relaxed nodes named in ``alphas`` use
+        those lower-line slopes (α-CROWN) instead of their default."""
+        values = state.values
+        acc: dict[str, list] = {start: [A0 if lower else None, A0 if upper else None]}
+        ref = values[start].value
         zero = ref.new_zeros(ref.shape[0], A0.n_rows if isinstance(A0, Patches) else A0.shape[1])
         lb, ub = zero, zero
         dense = self.bound_opts["conv_mode"] == "matrix"
-        for n in reversed(self._nodes[: self._index[start.name] + 1]):
+        for n in reversed(self._nodes[: self._index[start] + 1]):
             entry = acc.pop(n.name, None)
             if entry is None:
                 continue
             la, ua = entry
             if n.kind == "placeholder":
-                ptb, x0 = self._ptbs[n.name], values[n.name].value
+                ptb, x0 = state.ptbs[n.name], values[n.name].value
                 if la is not None:
                     lb = lb + ptb.concretize(x0, la, -1)
                 if ua is not None:
@@ -514,29 +547,32 @@ class BoundedModule(nn.Module):
                 return A.to_dense()
         return A
 
-    def _spec(self, final: Value, C: Optional[Tensor]) -> Tensor:
+    def spec_matrix(self, state: BoundState, C: Optional[Tensor]) -> Tensor:
         """The specification rows (B, n_spec, n_out); the identity when C is None."""
         if C is not None:
             return C
-        out = final.value
+        out = state.values[self._final_name].value
         n_out = math.prod(self._output_shape)
         return torch.eye(n_out, dtype=out.dtype, device=out.device).expand(out.shape[0], n_out, n_out)
 
-    def _crown_output(self, final: Value, C: Optional[Tensor], values, lower: bool, upper: bool,
+    def output_bounds(self, state: BoundState, C: Optional[Tensor], lower: bool = True, upper: bool = True,
                       alphas: Optional[dict] = None):
-        C = self._spec(final, C)
+        """CROWN bounds (B, n_spec) of ``C @ output`` (the identity when C is None)."""
+        C = self.spec_matrix(state, C)
         B = C.shape[0]
-        return self._chunked_backward(
-            self._by_name[final.name], C.shape[1],
-            lambda start, stop: C[:, start:stop].reshape(B, -1, *self._output_shape), values, lower, upper,
-            alphas)
+        return self.chunked_backward(
+            state, self._final_name, C.shape[1],
+            lambda start, stop: C[:, start:stop].reshape(B, -1, *self._output_shape), lower, upper, alphas)
 
-    def _ibp_output(self, final: Value, C: Optional[Tensor], values: dict[str, Value]):
+    def ibp_output_bounds(self, state: BoundState, C: Optional[Tensor]):
+        """IBP bounds of ``C @ output``: C folded into the last op where it can (``op.ibp_spec``),
+        else applied to the output's interval."""
+        final = state.values[self._final_name]
         if C is None:
             return final.lower, final.upper
-        node = self._by_name[final.name]
-        if isinstance(node.op, BoundLinear):
-            args, kwargs = self._args(node, values, raw=False)
+        node = self._by_name[self._final_name]
+        if node.op is not None:
+            args, kwargs = self._args(node, state.values, raw=False)
             folded = node.op.ibp_spec(C, *args, **kwargs)
             if folded is not None:
                 return folded
@@ -544,3 +580,72 @@ class BoundedModule(nn.Module):
         c = torch.bmm(C, c.unsqueeze(-1)).squeeze(-1)
         r = torch.bmm(C.abs(), r.unsqueeze(-1)).squeeze(-1)
         return c - r, c + r
+
+    # ---------------------------------------------------------------- bounds
+    def compute_bounds(self, x: Union[Tensor, Sequence[Tensor], None] = None, C: Optional[Tensor] = None,
+                       method: Union[str, BoundMethod, None] = "CROWN", IBP: bool = False, forward: bool = False,
+                       bound_lower: bool = True, bound_upper: bool = True, keep_intermediate: bool = False,
+                       optimize_bound_args: Optional[dict] = None,
+                       intermediate_bounds: Optional[Mapping[str, tuple[Tensor, Tensor]]] = None,
+                       return_state: bool = False):
+        """Lower and upper bounds of ``C @ model(x)`` (or of the outputs) over the perturbation.
+
+        Returns (lb, ub), each (batch, n_spec) with C, else (batch, *output_shape); a side not
+        asked for is None.  ``method``: a name (`certtrain.bounds.methods`) or a method object
+        such as ``AlphaCROWN(iteration=50)``.  ``keep_intermediate=True`` keeps every node's
+        bounds of this call for `save_intermediate` (differentiable; off by default so training
+        holds no extra memory).  ``optimize_bound_args`` overrides the α-CROWN options.
+        ``intermediate_bounds``: {node: (lower, upper)} that hold over the set (see `prepare`).
+        ``return_state=True`` returns (lb, ub, state), the `BoundState` with every node's bounds.
+        """
+        if x is None:
+            raise ValueError("compute_bounds needs x=(BoundedTensor(...),)")
+        if forward:
+            raise NotImplementedError("forward-mode LiRPA is not implemented yet; use method='CROWN'")
+        if method is None:
+            if not IBP:
+                raise ValueError("compute_bounds needs a method: 'IBP', 'CROWN', 'CROWN-IBP' or 'alpha-CROWN'")
+            method = "IBP"
+        m = get_method(method)
+        name = "CROWN-IBP" if (IBP and m.name == "CROWN") else m.name
+        alpha_opts = None
+        if name == "alpha-CROWN":
+            base = check_alpha_opts(m.options() if isinstance(method, BoundMethod) else None,
+                                    self.bound_opts["optimize_bound_args"])
+            alpha_opts = check_alpha_opts(optimize_bound_args, base)
+        elif optimize_bound_args:
+            raise ValueError(f"optimize_bound_args is for method 'alpha-CROWN', not {name!r}")
+        if name == "IBP" and not intermediate_bounds and not return_state:
+            # No clean pass where none is needed; compiled program (certtrain.bounds.ibp_program).
+            inputs, ptbs = self.check_inputs(x)
+            C_ = self.check_spec(C, inputs[0].shape[0], inputs[0])
+            fast = ibp_program_bounds(self, inputs, ptbs, C_, keep_intermediate)
+            if fast is not None:
+                lb, ub, kept = fast
+                self._last = kept
+                return (lb if bound_lower else None), (ub if bound_upper else None)
+        state = self.prepare(x, intermediate_bounds)
+        ref = state.values[self._placeholders[0].name].value
+        C = self.check_spec(C, ref.shape[0], ref)
+        final = state.values[self._final_name]
+        if not final.perturbed:
+            out = final.value.flatten(1)
+            out = torch.bmm(C, out.unsqueeze(-1)).squeeze(-1) if C is not None else final.value
+            res = (out if bound_lower else None), (out if bound_upper else None)
+            return (*res, state) if return_state else res
+        crown = get_method(name).intermediate == "crown"
+        if crown and torch.is_grad_enabled() and not self._warned_grad:
+            self._warned_grad = True
+            warnings.warn("CROWN with gradients enabled: autograd keeps every intermediate coefficient "
+                          "matrix, so memory_budget cannot bound memory. For verification, call "
+                          "compute_bounds under torch.no_grad().", stacklevel=2)
+        self.interval_pass(state, refine=crown)
+        self._last = state if keep_intermediate else None
+        if name == "IBP":
+            lb, ub = self.ibp_output_bounds(state, C)
+        elif name == "alpha-CROWN":
+            lb, ub = optimized_bounds(self, state, C, bound_lower, bound_upper, alpha_opts)
+        else:
+            lb, ub = self.output_bounds(state, C, bound_lower, bound_upper)
+        res = (lb if bound_lower else None), (ub if bound_upper else None)
+        return (*res, state) if return_state else res
