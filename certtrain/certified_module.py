@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from .normalize import Normalize
 
 from .attacks import AttackConfig, pgd_accuracy
-from .bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
+from .bounds import CHEAP_METHODS, BoundedModule, BoundedTensor, PerturbationLpNorm, resolve_method
 from .initialization import count_batchnorm, ibp_init
 from .loss_fusion import CrossEntropyBound, one_hot
 from .losses import margin_spec, robust_ce, verified
@@ -48,8 +48,7 @@ BOUND_METHODS = ("ibp", "crown_ibp", "fast_ibp", "sabr", "mtl_ibp")
 #: methods whose training loss needs an attack (``method.attack``)
 ATTACK_METHODS = ("sabr", "mtl_ibp", "pgd")
 INITS = ("default", "ibp")
-VAL_BOUNDS = ("IBP", "CROWN-IBP")
-_BOUND_NAMES = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
+VAL_BOUNDS = CHEAP_METHODS  # bounds cheap enough for every validation batch
 
 #: per-method attack defaults (the papers' MNIST settings; step_size in units of ε)
 ATTACK_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -175,7 +174,10 @@ def _check_val_bounds(bounds: Any) -> tuple[str, ...]:
     items = [bounds] if isinstance(bounds, str) else list(bounds or ())
     out = []
     for b in items:
-        name = _BOUND_NAMES.get(str(b).strip().lower().replace("-", "_"), str(b).upper())
+        try:
+            name = resolve_method(str(b))
+        except (ValueError, NotImplementedError):
+            name = None
         if name not in VAL_BOUNDS:
             raise ValueError(f"eval.val_bounds: unknown bound {b!r}; use a list of {', '.join(VAL_BOUNDS)}")
         if name not in out:
@@ -382,7 +384,7 @@ class CertifiedModule(pl.LightningModule):
         bx = BoundedTensor(x, ptb)
         net = self.bounded(x)
         with frozen_bn_stats(self.net):  # the clean forward of self.net already updated them
-            lb, _ = net.compute_bounds(x=(bx,), method=_BOUND_NAMES.get(method, method), C=C, bound_upper=False,
+            lb, _ = net.compute_bounds(x=(bx,), method=method, C=C, bound_upper=False,
                                        keep_intermediate=keep_intermediate)
         return lb
 

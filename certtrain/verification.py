@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from .attacks import pgd_accuracy
 from .bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
-from .bounds.alpha_crown import check_alpha_opts
+from .bounds.methods import ALPHA_RULES, CHEAP_METHODS, METHOD_NAMES, check_alpha_opts, resolve_method
 from .losses import margin_spec
 
 __all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "VerificationResult", "accuracy_curve",
@@ -64,27 +64,21 @@ __all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "Verif
            "parse_alpha_crown_options", "parse_method_options", "parse_methods", "resolve_device", "verify_dataset",
            "write_samples_csv"]
 
-#: the bound methods, cheapest first
-METHODS = ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
-#: methods cheap enough to run at every ε of a curve and alone on every sample
-CHEAP_METHODS = ("IBP", "CROWN-IBP")
-_ALIASES = {"ibp": "IBP", "crown-ibp": "CROWN-IBP", "crown_ibp": "CROWN-IBP", "crownibp": "CROWN-IBP",
-            "ibp+backward": "CROWN-IBP", "crown": "CROWN", "backward": "CROWN",
-            "alpha-crown": "alpha-CROWN", "alpha_crown": "alpha-CROWN", "alphacrown": "alpha-CROWN",
-            "α-crown": "alpha-CROWN", "crown-optimized": "alpha-CROWN", "crown_optimized": "alpha-CROWN"}
+#: the bound methods, cheapest first (the engine's registry, certtrain.bounds.methods)
+METHODS = METHOD_NAMES
 #: per-sample verdicts (``VerificationResult.status``)
 STATUSES = ("verified", "not verified", "not attempted", "PGD-broken", "misclassified")
-#: α-CROWN options (the engine's ``optimize_bound_args``) and what each must be
-ALPHA_CROWN_OPTIONS = {"iteration": "an integer >= 1", "lr_alpha": "a positive number", "lr_decay": "a number in (0, 1]",
-                       "keep_best": "true or false", "optimize_intermediate": "true or false"}
+#: α-CROWN options (the engine's ``optimize_bound_args``) and what each must be here (a stage of 0
+#: steps would be CROWN again, so at least one)
+ALPHA_CROWN_OPTIONS = {**ALPHA_RULES, "iteration": "an integer >= 1"}
 
 
 def canonical_method(name: Any) -> str:
     """``ibp`` / ``crown_ibp`` / ``backward`` / ``alpha_crown`` ... → ``IBP`` | ``CROWN-IBP`` | ``CROWN`` | ``alpha-CROWN``."""
-    key = str(name).strip().lower()
-    if key not in _ALIASES:
-        raise ValueError(f"unknown verification method {name!r}; available: {', '.join(METHODS)}")
-    return _ALIASES[key]
+    try:
+        return resolve_method(str(name))
+    except (ValueError, NotImplementedError):
+        raise ValueError(f"unknown verification method {name!r}; available: {', '.join(METHODS)}") from None
 
 
 def parse_methods(methods: str | Iterable[Any]) -> list[str]:
