@@ -127,7 +127,27 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", verify_d
     if verify_digest and ckpt.get(DIGEST_KEY) and state_dict_digest(ckpt["state_dict"]) != ckpt[DIGEST_KEY]:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: its weights do not match the digest written "
                               "with them")
-    return dict(ckpt)
+    ckpt = dict(ckpt)
+    if isinstance(ckpt.get("certtrain_config"), Mapping):
+        ckpt["certtrain_config"] = upgrade_config(ckpt["certtrain_config"])
+    return ckpt
+
+
+#: import names renamed since checkpoints were first written (old prefix -> new prefix)
+_RENAMED_TARGETS = (("models.", "certtrain_models."), ("data.", "certtrain_data."))
+
+
+def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``certtrain_config`` in today's layout, so that old checkpoints keep loading:
+    ``models.*`` / ``data.*`` targets (installed as ``certtrain_models`` / ``certtrain_data`` now)."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items()}
+    for group in ("model", "dataset"):
+        sec = out.get(group)
+        if isinstance(sec, dict) and isinstance(sec.get("_target_"), str):
+            for old, new in _RENAMED_TARGETS:
+                if sec["_target_"].startswith(old):
+                    sec["_target_"] = new + sec["_target_"][len(old):]
+    return out
 
 
 def model_name(config: Mapping[str, Any] | None) -> str:

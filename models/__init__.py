@@ -23,8 +23,8 @@ densenet        7,902,058
 wide_resnet    21,542,250
 =============  ==========
 
-Note: ``models.<name>`` is the constructor (it shadows the submodule of the same name, which is what
-Hydra's ``_target_: models.<name>`` needs); import classes with ``from models.resnet import BasicBlock``.
+Note: ``certtrain_models.<name>`` is the constructor (it shadows the submodule of the same name, which is what
+Hydra's ``_target_: certtrain_models.<name>`` needs); import classes with ``from certtrain_models.resnet import BasicBlock``.
 """
 
 from __future__ import annotations

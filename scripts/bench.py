@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 from certtrain.loss_fusion import CrossEntropyBound, one_hot  # noqa: E402
 from certtrain.losses import margin_spec, robust_ce  # noqa: E402
-from models import cnn_7layer_bn, densenet, mlp, resnext, wide_resnet  # noqa: E402
+from certtrain_models import cnn_7layer_bn, densenet, mlp, resnext, wide_resnet  # noqa: E402
 
 MODELS = {"MLP": mlp, "CNN-7-BN": cnn_7layer_bn, "ResNeXt": resnext, "DenseNet": densenet,
           "WideResNet": wide_resnet}

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
-from models import cnn_7layer_bn, mlp, resnet  # noqa: E402
+from certtrain_models import cnn_7layer_bn, mlp, resnet  # noqa: E402
 
 MODELS = {"MLP": lambda s: mlp(in_shape=s, num_classes=10),
           "CNN-7-BN": lambda s: cnn_7layer_bn(in_shape=s, num_classes=10),

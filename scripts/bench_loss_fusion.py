@@ -26,7 +26,7 @@ def one(args) -> dict:
     from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
     from certtrain.loss_fusion import CrossEntropyBound, one_hot
     from certtrain.losses import margin_spec, robust_ce
-    from models import cnn_7layer_bn
+    from certtrain_models import cnn_7layer_bn
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -94,7 +94,7 @@ def test_patches_equal_matrix(norm, relu):
 
 def test_zoo_resnet_patches_equal_matrix():
     """Residual blocks with strided shortcuts (window alignment in patches mode)."""
-    from models import resnet
+    from certtrain_models import resnet
     torch.manual_seed(4)
     model = randomize_bn(resnet(in_shape=(3, 16, 16), num_classes=4, num_blocks=(1, 1), widths=(4, 8))).double().eval()
     x0 = torch.rand(2, 3, 16, 16, dtype=torch.float64)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
-from models import cnn_7layer_bn
+from certtrain_models import cnn_7layer_bn
 
 
 def test_intermediate_bounds_of_ibp_contain_the_clean_values():

@@ -28,8 +28,8 @@ import torch
 import yaml
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from data import DATAMODULES, DatasetNotFoundError, get_datamodule
-from data.base import CertDataModule, interleave_by_class
+from certtrain_data import DATAMODULES, DatasetNotFoundError, get_datamodule
+from certtrain_data.base import CertDataModule, interleave_by_class
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -488,7 +488,7 @@ def write_fake_imagenet64(root: Path, per_batch: int = 4, n_val: int = 7) -> dic
 
 
 def test_imagenet64_fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import data.imagenet64 as inet
+    import certtrain_data.imagenet64 as inet
 
     ref = write_fake_imagenet64(tmp_path)
     dm = get_datamodule("imagenet64", data_dir=tmp_path, val_size=5, batch_size=4)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-import models
+import certtrain_models as models
 from bound_checks import assert_sound
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm, UnsupportedOperation
 from certtrain.bounds.ibp_program import compile_ibp, ibp_program_source, program_supported

@@ -158,8 +158,7 @@ def test_warmup_weight_decays_linearly_to_zero():
 
 
 def test_module_regularizer_reads_its_bounds_and_vanishes_at_target():
-    import models
-
+    import certtrain_models as models
     torch.manual_seed(0)
     net = models.cnn_7layer_bn(in_shape=(1, 8, 8), width=4, linear_size=16)
     module = CertifiedModule(net, (0.3,), (0.4,), 10, method="fast_ibp", eps=0.2, init="ibp", reg_lambda=0.5).train()
@@ -299,7 +298,7 @@ def test_attack_losses_and_selection():
 
 def test_stronger_pgd_finds_at_least_as_many_adversarial_examples():
     """On a small trained model: PGD ≥ FGSM, and restarts only add (same first random start)."""
-    from data.digits import DigitsDataModule
+    from certtrain_data.digits import DigitsDataModule
 
     torch.manual_seed(0)
     dm = DigitsDataModule(val_size=100, test_size=200, batch_size=128)
@@ -383,8 +382,8 @@ def test_experiment_configs_compose_and_instantiate(tmp_path):
         cfg = compose_cfg(tmp_path, [f"experiment={name}"])
         train.check_config(cfg)
         # the shared recipe (mnist_base)
-        assert cfg.dataset._target_ == "data.mnist.MNISTDataModule" and cfg.dataset.val_size == 5000
-        assert cfg.model._target_ == "models.cnn_7layer_bn" and cfg.dataset.batch_size == 256
+        assert cfg.dataset._target_ == "certtrain_data.mnist.MNISTDataModule" and cfg.dataset.val_size == 5000
+        assert cfg.model._target_ == "certtrain_models.cnn_7layer_bn" and cfg.dataset.batch_size == 256
         assert cfg.optim.lr == 5e-4 and list(cfg.optim.milestones) == [50, 60] and cfg.optim.gamma == 0.2
         assert cfg.trainer.max_epochs == 70 and cfg.trainer.gradient_clip_val == 10.0
         assert cfg.schedule.name == "smoothed" and (cfg.schedule.start, cfg.schedule.length) == (0, 20)

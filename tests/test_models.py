@@ -32,9 +32,9 @@ import yaml
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-import models
+import certtrain_models as models
 from certtrain.normalize import Normalize
-from models import MODELS, get_model
+from certtrain_models import MODELS, get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf" / "model"
@@ -203,7 +203,7 @@ def test_conf_model_yamls():
     for f in files:
         cfg = yaml.safe_load(f.read_text())
         module_name, _, attr = cfg["_target_"].rpartition(".")
-        assert module_name == "models", f
+        assert module_name == "certtrain_models", f
         fn = getattr(importlib.import_module(module_name), attr)
         assert callable(fn) and fn is MODELS[f.stem], f
         assert cfg["in_shape"] == "${dataset.in_shape}"

@@ -106,7 +106,7 @@ def test_pgd_stays_in_ball_and_box(norm):
 
 
 def test_bounds_in_training_mode_keep_bn_running_stats():
-    import models
+    import certtrain_models as models
     from certtrain.certified_module import CertifiedModule
 
     torch.manual_seed(0)

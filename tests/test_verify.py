@@ -498,15 +498,15 @@ def test_unknown_dataset_and_model(tmp_path):
     assert "mnist" in str(e.value.options)
     with pytest.raises(MissingConfigException, match=r"model/nonexistent"):
         compose_train(tmp_path, ["model=nonexistent"])
-    with pytest.raises(ValueError, match=r"unknown model 'models.nonexistent'.*available: .*cnn_small"):
-        train.setup(compose_train(tmp_path, ["model._target_=models.nonexistent"]))
-    with pytest.raises(ValueError, match=r"unknown dataset 'data.nope.NopeDataModule'.*MNISTDataModule"):
-        train.setup(compose_train(tmp_path, ["dataset._target_=data.nope.NopeDataModule"]))
+    with pytest.raises(ValueError, match=r"unknown model 'certtrain_models.nonexistent'.*available: .*cnn_small"):
+        train.setup(compose_train(tmp_path, ["model._target_=certtrain_models.nonexistent"]))
+    with pytest.raises(ValueError, match=r"unknown dataset 'certtrain_data.nope.NopeDataModule'.*MNISTDataModule"):
+        train.setup(compose_train(tmp_path, ["dataset._target_=certtrain_data.nope.NopeDataModule"]))
 
 
 def test_missing_data_fails_before_training(tmp_path):
     import train
-    from data import DatasetNotFoundError
+    from certtrain_data import DatasetNotFoundError
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -517,3 +517,20 @@ def test_missing_data_fails_before_training(tmp_path):
     for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         assert str(empty / "MNIST" / "raw" / f) in msg
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_checkpoint_with_old_import_names_loads(digits_ckpt, tmp_path):
+    """Checkpoints written before models/ and data/ installed as certtrain_models / certtrain_data
+    name ``models.mlp`` / ``data.digits.DigitsDataModule``: they upgrade on load, same weights."""
+    ck = torch.load(digits_ckpt, map_location="cpu", weights_only=False)
+    cfg = ck["certtrain_config"]
+    assert cfg["model"]["_target_"].startswith("certtrain_models.")
+    cfg["model"]["_target_"] = cfg["model"]["_target_"].replace("certtrain_models.", "models.")
+    cfg["dataset"]["_target_"] = cfg["dataset"]["_target_"].replace("certtrain_data.", "data.")
+    old = tmp_path / "old.ckpt"
+    torch.save(ck, old)
+    module, dm, config = load_for_verification(old)
+    assert config["model"]["_target_"].startswith("certtrain_models.")
+    ref, _, _ = load_for_verification(digits_ckpt)
+    for a, b in zip(module.state_dict().values(), ref.state_dict().values()):
+        assert torch.equal(a, b)
