@@ -21,39 +21,20 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Fail fast (ValueError) on settings that cannot work, before any data or model is built."""
-    from omegaconf import OmegaConf
+    """Fail fast (ValueError) on settings that cannot work, before any data or model is built: the
+    method, threat model, schedule, optimizer and evaluation settings are built (and so checked)
+    exactly as the module will build them (`certtrain.settings.check_run_config`)."""
+    from certtrain.settings import check_run_config
 
-    from certtrain.certified_module import METHODS, _check_eps, _check_val_bounds, check_method_options, parse_norm
-    from certtrain.schedules import SCHEDULES
-
-    p = cfg.perturbation
-    parse_norm(p.norm)
-    _check_eps("perturbation.eps", p.eps)
-    if p.get("eval_eps") is not None:
-        _check_eps("perturbation.eval_eps", p.eval_eps)
-    if cfg.method.name not in METHODS:
-        raise ValueError(f"unknown method.name {cfg.method.name!r}; available: {', '.join(METHODS)}")
-    # method hyperparameters (λ in (0, 1], α in [0, 1], attack steps >= 0, ...): ValueError naming the key
-    check_method_options(cfg.method.name, OmegaConf.to_container(cfg.method, resolve=True), norm=p.norm)
-    if cfg.eval.get("val_bounds") is not None:
-        _check_val_bounds(OmegaConf.to_container(cfg.eval.val_bounds, resolve=True)
-                          if OmegaConf.is_config(cfg.eval.val_bounds) else cfg.eval.val_bounds)
-    s = cfg.schedule
-    if s.name not in SCHEDULES:
-        raise ValueError(f"unknown schedule.name {s.name!r}; available: {', '.join(sorted(SCHEDULES))}")
-    for key in ("start", "length"):
-        if s.get(key) is not None and (not math.isfinite(float(s[key])) or float(s[key]) < 0):
-            raise ValueError(f"schedule.{key} must be >= 0 (epochs), got {s[key]}")
-    if float(cfg.optim.lr) <= 0:
-        raise ValueError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    check_run_config(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
 
 
 def format_table(results: dict[str, float], cfg: DictConfig, n_test: int | None, ckpt: str | None) -> str:
     """Markdown table of the test metrics at the evaluation ε."""
-    from certtrain.certified_module import parse_norm
+    from certtrain.methods import method_name
+    from certtrain.threat import parse_norm
 
     norm = parse_norm(cfg.perturbation.norm)
     eps = cfg.perturbation.eval_eps if cfg.perturbation.get("eval_eps") is not None else cfg.perturbation.eps
@@ -66,7 +47,7 @@ def format_table(results: dict[str, float], cfg: DictConfig, n_test: int | None,
             ("verified: best of the above", "test/verified_acc")]
     lines = [f"Test set ({n_test if n_test is not None else '?'} images), {name} ε = {float(eps):.4g}, "
              f"{cfg.dataset._target_.rsplit('.', 1)[-1]} / {cfg.model._target_.rsplit('.', 1)[-1]} / "
-             f"{cfg.method.name}", "", "| metric | accuracy (%) |", "|---|---:|"]
+             f"{method_name(cfg.method)}", "", "| metric | accuracy (%) |", "|---|---:|"]
     for label, key in rows:
         if key in results:
             lines.append(f"| {label} | {100 * float(results[key]):.2f} |")

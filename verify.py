@@ -45,7 +45,7 @@ def _plain(value: Any) -> Any:
 
 def eps_list(name: str, value: Any) -> list[float] | None:
     """A number or a list of numbers → the distinct ε, ascending; None stays None.  ValueError otherwise."""
-    from certtrain.certified_module import _check_eps
+    from certtrain.threat import check_eps
 
     value = _plain(value)
     if value is None:
@@ -57,7 +57,7 @@ def eps_list(name: str, value: Any) -> list[float] | None:
     for v in items:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ValueError(f"{name} must be a number or a list of numbers, got {v!r} in {value!r}")
-        e = _check_eps(name, v)
+        e = check_eps(name, v)
         if any(math.isclose(e, o, rel_tol=1e-9, abs_tol=1e-12) for o in out):
             raise ValueError(f"{name} lists {v:g} more than once")
         out.append(e)
@@ -90,7 +90,7 @@ def curve_methods(spec: Any, methods: list[str]) -> list[str]:
 
 def check_options(cfg: DictConfig) -> dict[str, Any]:
     """Everything that needs no checkpoint: methods, ε lists, limits, α-CROWN options; ValueError on bad input."""
-    from certtrain.certified_module import parse_norm
+    from certtrain.threat import parse_norm
     from certtrain.verification import (
         check_engine_supports, parse_alpha_crown_options, parse_method_options, parse_methods)
 
@@ -142,7 +142,8 @@ def check_options(cfg: DictConfig) -> dict[str, Any]:
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Check the arguments and load checkpoint, model and data; ValueError / FileNotFoundError on bad input."""
-    from certtrain.verification import load_for_verification, make_perturbation, resolve_device
+    from certtrain.threat import LpBall, build_threat
+    from certtrain.verification import load_for_verification, resolve_device
 
     opts = check_options(cfg)
     device = resolve_device(cfg.device)
@@ -159,8 +160,10 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         if default is None:
             raise ValueError("the checkpoint has no perturbation.eps: give eps=")
         eps = eps_list("eps (the checkpoint's perturbation.eval_eps / eps)", default)
-    norm = _pick(cfg.norm, p.get("norm", "inf"))
-    make_perturbation(eps[0], norm)  # checks the norm
+    threat = build_threat(p)  # the checkpoint's threat model (certtrain.threat), at the ε asked for
+    if cfg.norm is not None:  # another norm of the same ball family
+        threat = LpBall(norm=cfg.norm, eps=threat.eps, eval_eps=threat.eval_eps, x_L=threat.x_L, x_U=threat.x_U)
+    norm = getattr(threat, "norm", None)
     pgd_steps = int(_pick(cfg.pgd_steps, e.get("pgd_steps", 20)))
     pgd_restarts = int(_pick(cfg.pgd_restarts, e.get("pgd_restarts", 1)))
     c_eps = opts["curve_eps"]
@@ -176,8 +179,8 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
                 "pgd_restarts": int(_pick(c_restarts, pgd_restarts)), "kind": "curve"} for x in c_eps]
     points.sort(key=lambda q: q["eps"])
     return {"module": module, "datamodule": datamodule, "config": config, "methods": opts["methods"],
-            "curve_methods": cm, "device": device, "norm": norm, "points": points, "limits": opts["limits"],
-            "alpha_crown": opts["alpha_crown"], "perturbation": make_perturbation(eps[0], norm),
+            "curve_methods": cm, "device": device, "norm": norm, "threat": threat, "points": points,
+            "limits": opts["limits"], "alpha_crown": opts["alpha_crown"], "perturbation": threat.at(eps[0]),
             "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
             "pgd_step_size": _pick(cfg.pgd_step_size, e.get("pgd_step_size")),
             "trained_eps": p.get("eps")}
@@ -199,8 +202,8 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, Any]:
     """Verify at every ε as configured, print the tables, write the outputs; returns the results and the paths."""
-    from certtrain.verification import (
-        accuracy_curve, eps_table, make_perturbation, verify_dataset, write_samples_csv)
+    from certtrain.methods import method_name
+    from certtrain.verification import accuracy_curve, eps_table, verify_dataset, write_samples_csv
 
     prepared = prepare(cfg) if prepared is None else prepared
     module, dm, config = prepared["module"], prepared["datamodule"], prepared["config"]
@@ -211,10 +214,10 @@ def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, An
     for pt in prepared["points"]:
         ms = pt["methods"]
         lim = {k: {m: v for m, v in d.items() if m in ms} for k, d in limits.items()}
-        res = verify_dataset(module.net, loader, make_perturbation(pt["eps"], prepared["norm"]), ms,
+        res = verify_dataset(module.net, loader, prepared["threat"].at(pt["eps"]), ms,
                              num_classes=module.num_classes, pgd_steps=pt["pgd_steps"],
                              pgd_restarts=pt["pgd_restarts"], pgd_step_size=prepared["pgd_step_size"],
-                             alone=pt["alone"], device=prepared["device"], bound_opts=module.bound_opts,
+                             alone=pt["alone"], device=prepared["device"], bound_opts=module.evaluation.bound_opts,
                              optimize_bound_args=prepared["alpha_crown"], seed=cfg.seed,
                              progress=bool(cfg.progress), desc=f"ε={pt['eps']:g}", **lim)
         results.append(res)
@@ -222,11 +225,11 @@ def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, An
     total = time.perf_counter() - t0
 
     first = results[0]
-    norm = "L∞" if first.norm == math.inf else f"L{int(first.norm)}"
+    norm = "L∞" if first.norm == math.inf else (f"L{int(first.norm)}" if first.norm else str(prepared["threat"]))
     ds = config["dataset"]["_target_"].rsplit(".", 1)[-1]
     ds_short = ds.removesuffix("DataModule") or ds
     model = config["model"]["_target_"].rsplit(".", 1)[-1]
-    method = config.get("method", {}).get("name", "?")
+    method = method_name(config.get("method", {}))
     trained = prepared.get("trained_eps")
     trained_txt = f" (trained at ε = {trained:g})" if isinstance(trained, (int, float)) else ""
     title = (f"Verification of {cfg.ckpt}\n\nTest set ({first.n} images), {norm}, {ds} / {model} / {method}"

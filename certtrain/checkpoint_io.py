@@ -139,7 +139,8 @@ _RENAMED_TARGETS = (("models.", "certtrain_models."), ("data.", "certtrain_data.
 
 def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A checkpoint's ``certtrain_config`` in today's layout, so that old checkpoints keep loading:
-    ``models.*`` / ``data.*`` targets (installed as ``certtrain_models`` / ``certtrain_data`` now)."""
+    ``models.*`` / ``data.*`` targets (installed as ``certtrain_models`` / ``certtrain_data`` now),
+    methods given by ``name`` (now classes with a ``_target_``), perturbations without a target."""
     out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in config.items()}
     for group in ("model", "dataset"):
         sec = out.get(group)
@@ -147,6 +148,18 @@ def upgrade_config(config: Mapping[str, Any]) -> dict[str, Any]:
             for old, new in _RENAMED_TARGETS:
                 if sec["_target_"].startswith(old):
                     sec["_target_"] = new + sec["_target_"][len(old):]
+    m = out.get("method")
+    if isinstance(m, dict) and "_target_" not in m and m.get("name"):
+        # methods were a `name` key before they became classes (certtrain.methods)
+        from .methods import METHODS
+
+        cls = METHODS.get(str(m["name"]))
+        if cls is not None:
+            out["method"] = {"_target_": f"certtrain.methods.{cls.__qualname__}",
+                             **{k: v for k, v in m.items() if k != "name"}}
+    p = out.get("perturbation")
+    if isinstance(p, dict) and "_target_" not in p:
+        out["perturbation"] = {"_target_": "certtrain.threat.LpBall", **p}
     return out
 
 

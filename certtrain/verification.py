@@ -55,9 +55,10 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import pgd_accuracy
-from .bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
+from .bounds import BoundedModule, BoundedTensor, Perturbation, PerturbationLpNorm
 from .bounds.methods import ALPHA_RULES, CHEAP_METHODS, METHOD_NAMES, check_alpha_opts, resolve_method
 from .losses import margin_spec
+from .threat import LpBall, check_eps
 
 __all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "VerificationResult", "accuracy_curve",
            "canonical_method", "check_engine_supports", "eps_table", "load_for_verification", "make_perturbation", "margin_lower_bounds",
@@ -146,9 +147,7 @@ def parse_alpha_crown_options(options: Mapping[str, Any] | None) -> dict[str, An
 def make_perturbation(eps: float, norm: float | str = math.inf, x_L: float = 0.0,
                       x_U: float = 1.0) -> PerturbationLpNorm:
     """The ε-ball (L∞ or L2) within the pixel domain [x_L, x_U]; ValueError for ε < 0 or another norm."""
-    from .certified_module import _check_eps, parse_norm
-
-    return PerturbationLpNorm(eps=_check_eps("eps", eps), norm=parse_norm(norm), x_L=x_L, x_U=x_U)
+    return LpBall(norm=norm, eps=check_eps("eps", eps), x_L=x_L, x_U=x_U).at(eps)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -460,8 +459,6 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
     ``device``: auto / cpu / cuda[:N] (default: where the model is).  ``seed``: seeds PGD's random
     starts (None: leave the RNG alone).
     """
-    from .certified_module import parse_norm
-
     methods = parse_methods(methods)
     if alone is True or alone is False or alone is None:
         alone_m = list(methods) if alone else []
@@ -475,11 +472,18 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
     max_n = parse_method_options("max_samples", max_samples, integer=True, minimum=0, methods=methods)
     max_t = parse_method_options("time_limit", time_limit, integer=False, minimum=0, methods=methods)
     alpha_args = parse_alpha_crown_options(optimize_bound_args)
-    if not isinstance(perturbation, PerturbationLpNorm) or isinstance(perturbation.eps, Tensor):
-        raise ValueError("perturbation must be a PerturbationLpNorm with a scalar eps")
-    eps, norm = float(perturbation.eps), parse_norm(perturbation.norm)
-    if not math.isfinite(eps) or eps < 0:
+    if not isinstance(perturbation, Perturbation):
+        raise ValueError("perturbation must be a certtrain.bounds.Perturbation (e.g. PerturbationLpNorm, or "
+                         f"ThreatModel.at(eps)), got {type(perturbation).__name__}")
+    # PGD attacks Lp balls of one radius in L∞ / L2; any other set is bounded but not attacked
+    # (its PGD column is then the clean one: an upper bound that says nothing more).
+    lp = isinstance(perturbation, PerturbationLpNorm) and not (
+        isinstance(perturbation.eps, Tensor) and perturbation.eps.numel() > 1)
+    eps = float(perturbation.eps) if lp else math.nan
+    norm = perturbation.norm if lp else None
+    if lp and (not math.isfinite(eps) or eps < 0):
         raise ValueError(f"eps must be a finite number >= 0, got {perturbation.eps!r}")
+    attackable = lp and norm in (math.inf, 2.0)
     if int(pgd_steps) < 0 or int(pgd_restarts) < 1:
         raise ValueError(f"need pgd_steps >= 0 and pgd_restarts >= 1, got {pgd_steps}, {pgd_restarts}")
     if device is None:
@@ -487,8 +491,8 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
         dev = p.device if p is not None else torch.device("cpu")
     else:
         dev = resolve_device(device)
-    x_min = float(perturbation.x_L) if perturbation.x_L is not None else -math.inf
-    x_max = float(perturbation.x_U) if perturbation.x_U is not None else math.inf
+    x_min = float(perturbation.x_L) if getattr(perturbation, "x_L", None) is not None else -math.inf
+    x_max = float(perturbation.x_U) if getattr(perturbation, "x_U", None) is not None else math.inf
     if seed is not None:
         torch.manual_seed(int(seed))
 
@@ -561,7 +565,7 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
             clean = pred == y
             robust = clean.clone()
             ci = clean.nonzero().flatten()
-            if eps > 0 and len(ci) and pgd_steps > 0:
+            if attackable and eps > 0 and len(ci) and pgd_steps > 0:
                 ok, t = timed(lambda: pgd_accuracy(model, x[ci], y[ci], eps, norm=norm, steps=int(pgd_steps),
                                                    step_size=pgd_step_size, restarts=int(pgd_restarts),
                                                    x_min=x_min, x_max=x_max))
@@ -571,7 +575,7 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
             batch_lb = {m: torch.full((B,), math.nan, dtype=torch.float64) for m in methods}
             by = [""] * B
             skipped: list[list[str]] = [[] for _ in range(B)]
-            if eps == 0:  # the ball is the point itself: the margins are exact
+            if lp and eps == 0:  # the ball is the point itself: the margins are exact
                 true = (logits.gather(1, y[:, None]) - logits).masked_fill(
                     torch.nn.functional.one_hot(y, K).bool(), math.inf).min(1).values.double().cpu()
                 for m in methods:

@@ -28,7 +28,9 @@ def row(run: Path) -> list[str]:
     import yaml  # PyYAML comes with hydra-core
 
     cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.exists() else {}
-    method = cfg.get("method", {}).get("name", run.name)
+    from certtrain.methods import method_name
+
+    method = method_name(cfg["method"]) if cfg.get("method") else run.name
     model = cfg.get("model", {})
     n = p["n"]
     by = p["verified_by"]

@@ -26,6 +26,8 @@ from certtrain.attacks import AttackConfig, attack_loss, fgsm_attack, pgd_accura
 from certtrain.initialization import ibp_init, ibp_init_std  # noqa: E402
 from certtrain.losses import margin_spec, robust_ce  # noqa: E402
 from certtrain.certified_module import CertifiedModule, load_certified, module_from_config, sabr_box  # noqa: E402
+from certtrain.methods import MTLIBP, SABR, FastIBP, method_name  # noqa: E402
+from certtrain.threat import LpBall  # noqa: E402
 from certtrain.regularizers import relu_balance_loss, tightness_loss, warmup_regularizer, warmup_weight  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -161,7 +163,8 @@ def test_module_regularizer_reads_its_bounds_and_vanishes_at_target():
     import certtrain_models as models
     torch.manual_seed(0)
     net = models.cnn_7layer_bn(in_shape=(1, 8, 8), width=4, linear_size=16)
-    module = CertifiedModule(net, (0.3,), (0.4,), 10, method="fast_ibp", eps=0.2, init="ibp", reg_lambda=0.5).train()
+    module = CertifiedModule(net, (0.3,), (0.4,), 10, method=FastIBP(init="ibp", reg_lambda=0.5),
+                             perturbation=LpBall(eps=0.2)).train()
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     reg, log = module.regularizer(x, y, 0.05, have_intermediate=False)
     assert log["reg_weight"] == pytest.approx(0.5 * (1 - 0.05 / 0.2))
@@ -197,7 +200,7 @@ def test_sabr_box_lies_in_the_eps_ball_and_domain():
 @pytest.fixture
 def sabr_module():
     torch.manual_seed(0)
-    return CertifiedModule(mlp(), (0.5,), (0.5,), 3, method="sabr", eps=0.2, lambda_ratio=0.3).eval()
+    return CertifiedModule(mlp(), (0.5,), (0.5,), 3, method=SABR(lambda_ratio=0.3), perturbation=LpBall(eps=0.2)).eval()
 
 
 def test_sabr_bound_is_sound_on_the_small_box_and_tighter_than_ibp(sabr_module):
@@ -209,7 +212,7 @@ def test_sabr_bound_is_sound_on_the_small_box_and_tighter_than_ibp(sabr_module):
     with torch.no_grad():
         lb = sabr_module.sabr_bounds(x, y, eps, x_adv)
         lb_full = sabr_module.margin_bounds(x, y, eps, "IBP")
-    centre, radius, lo, hi = sabr_box(x, x_adv, eps, sabr_module.lambda_ratio)
+    centre, radius, lo, hi = sabr_box(x, x_adv, eps, sabr_module.method.lambda_ratio)
     box_lo, box_hi = torch.maximum(centre - radius, lo), torch.minimum(centre + radius, hi)
     for _ in range(20):  # random points and corners of the small box
         u = torch.rand_like(x)
@@ -221,7 +224,8 @@ def test_sabr_bound_is_sound_on_the_small_box_and_tighter_than_ibp(sabr_module):
 
 def test_sabr_with_lambda_one_is_plain_ibp(sabr_module):
     torch.manual_seed(2)
-    module = CertifiedModule(sabr_module.net[1], (0.5,), (0.5,), 3, method="sabr", eps=0.2, lambda_ratio=1.0).eval()
+    module = CertifiedModule(sabr_module.net[1], (0.5,), (0.5,), 3, method=SABR(lambda_ratio=1.0),
+                             perturbation=LpBall(eps=0.2)).eval()
     x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
     x_adv = (x + torch.empty_like(x).uniform_(-0.2, 0.2)).clamp(0, 1)
     with torch.no_grad():
@@ -234,7 +238,7 @@ def test_mtl_ibp_loss_is_the_convex_combination(monkeypatch):
     torch.manual_seed(0)
     model = mlp()
     alpha, eps = 0.3, 0.1
-    module = CertifiedModule(model, (0.5,), (0.5,), 3, method="mtl_ibp", eps=eps, alpha=alpha).eval()
+    module = CertifiedModule(model, (0.5,), (0.5,), 3, method=MTLIBP(alpha=alpha, init="default"), perturbation=LpBall(eps=eps)).eval()
     x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
     x_adv = (x + eps * torch.randn_like(x).sign()).clamp(0, 1)
     monkeypatch.setattr(module, "adversarial", lambda *a: x_adv)  # the same attack point for both sides
@@ -246,12 +250,12 @@ def test_mtl_ibp_loss_is_the_convex_combination(monkeypatch):
     torch.testing.assert_close(log["ibp_loss"], ibp)
     torch.testing.assert_close(log["adv_loss"], adv)
     # α = 1 is IBP training: the loss of method=ibp on the same weights
-    one = CertifiedModule(model, (0.5,), (0.5,), 3, method="mtl_ibp", eps=eps, alpha=1.0).eval()
+    one = CertifiedModule(model, (0.5,), (0.5,), 3, method=MTLIBP(alpha=1.0, init="default"), perturbation=LpBall(eps=eps)).eval()
     monkeypatch.setattr(one, "adversarial", lambda *a: x_adv)
-    ibp_module = CertifiedModule(model, (0.5,), (0.5,), 3, method="ibp", eps=eps).eval()
+    ibp_module = CertifiedModule(model, (0.5,), (0.5,), 3, method="ibp", perturbation=LpBall(eps=eps)).eval()
     torch.testing.assert_close(one.robust_loss(x, y, eps, 0.0, nat)[0], ibp_module.robust_loss(x, y, eps, 0.0, nat)[0])
     # α = 0: adversarial training, the loss of method=pgd at the same point
-    zero = CertifiedModule(model, (0.5,), (0.5,), 3, method="mtl_ibp", eps=eps, alpha=0.0).eval()
+    zero = CertifiedModule(model, (0.5,), (0.5,), 3, method=MTLIBP(alpha=0.0, init="default"), perturbation=LpBall(eps=eps)).eval()
     monkeypatch.setattr(zero, "adversarial", lambda *a: x_adv)
     torch.testing.assert_close(zero.robust_loss(x, y, eps, 0.0, nat)[0], adv)
 
@@ -363,7 +367,7 @@ def test_bad_method_hyperparameters_fail_fast(tmp_path):
         with pytest.raises(ValueError, match=match):
             train.check_config(compose_cfg(tmp_path, overrides))
     with pytest.raises(ValueError, match="alpha"):  # the module checks too (Python users)
-        CertifiedModule(mlp(), (0.5,), (0.5,), 3, method="mtl_ibp", alpha=2.0)
+        CertifiedModule(mlp(), (0.5,), (0.5,), 3, method={"name": "mtl_ibp", "alpha": 2.0})
 
 
 EXPERIMENTS = {  # name: (method, train ε, test ε, model selection)
@@ -387,20 +391,20 @@ def test_experiment_configs_compose_and_instantiate(tmp_path):
         assert cfg.optim.lr == 5e-4 and list(cfg.optim.milestones) == [50, 60] and cfg.optim.gamma == 0.2
         assert cfg.trainer.max_epochs == 70 and cfg.trainer.gradient_clip_val == 10.0
         assert cfg.schedule.name == "smoothed" and (cfg.schedule.start, cfg.schedule.length) == (0, 20)
-        assert (cfg.method.name, cfg.perturbation.eps, cfg.perturbation.eval_eps) == (method, eps, eval_eps), name
+        assert (method_name(cfg.method), cfg.perturbation.eps, cfg.perturbation.eval_eps) == (method, eps, eval_eps), name
         assert cfg.checkpoint.monitor == monitor
         dm = instantiate(cfg.dataset, _convert_="all")  # constructor only: nothing is read
         model = instantiate(cfg.model, _convert_="all")
         module = module_from_config(cfg, model=model)
-        assert module.method == method and module.eps == eps and module.eval_eps == eval_eps
-        assert module.init == ("default" if method in ("crown_ibp", "pgd") else "ibp")
+        assert module.method.name == method and module.eps == eps and module.eval_eps == eval_eps
+        assert module.method.init == ("default" if method in ("crown_ibp", "pgd") else "ibp")
         if method == "sabr":
-            assert module.lambda_ratio == {"0.1": 0.4, "0.3": 0.6}[name[-3:]]
-            assert module.attack.steps == 8 and module.val_bounds == ("IBP", "CROWN-IBP")
+            assert module.method.lambda_ratio == {"0.1": 0.4, "0.3": 0.6}[name[-3:]]
+            assert module.method.attack.steps == 8 and module.val_bounds == ("IBP", "CROWN-IBP")
         if method == "mtl_ibp":
-            assert module.alpha == {"0.1": 0.01, "0.3": 0.08}[name[-3:]] and module.attack.steps == 1
+            assert module.method.alpha == {"0.1": 0.01, "0.3": 0.08}[name[-3:]] and module.method.attack.steps == 1
         if method == "crown_ibp":
-            assert module.loss_fusion and module.kappa_schedule.end_value == 0.0
+            assert module.method.loss_fusion and module.kappa_schedule.end_value == 0.0
         with torch.no_grad():
             assert module.eval()(torch.rand(2, *dm.in_shape)).shape == (2, 10)
 
@@ -447,11 +451,13 @@ def test_short_fit_and_checkpoint_round_trip(tmp_path, method):
     # the checkpoint rebuilds the same module (options round-trip) for load_certified and verify.py
     loaded = load_certified(res["test_ckpt"]).eval()  # trainer.test left these weights in the module
     trained = res["module"].cpu().eval()
-    for attr in ("method", "eps", "eval_eps", "init", "reg_lambda", "reg_tau", "reg_terms", "l1", "lambda_ratio",
-                 "alpha", "attack", "val_bounds"):
+    assert loaded.method == trained.method  # every option, attack included (TrainingMethod.options)
+    assert loaded.method.options() == trained.method.options()
+    for attr in ("eps", "eval_eps", "val_bounds"):
         assert getattr(loaded, attr) == getattr(trained, attr), attr
+    assert loaded.optim == trained.optim and loaded.evaluation == trained.evaluation
     x = torch.rand(4, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), trained(x))
     module, _, config = load_for_verification(res["last_ckpt"], subset=8)
-    assert module.method == method and config["method"]["name"] == method
+    assert module.method.name == method and method_name(config["method"]) == method

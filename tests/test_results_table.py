@@ -12,7 +12,7 @@ def _run(tmp_path: Path) -> Path:
     (run / "train" / ".hydra").mkdir(parents=True)
     (run / "train" / "checkpoints").mkdir()
     (run / "train" / ".hydra" / "config.yaml").write_text(
-        "method: {name: fast_ibp}\nmodel: {_target_: certtrain_models.cnn_7layer_bn, width: 16}\nperturbation: {eps: 0.2}\n")
+        "method: {_target_: certtrain.methods.FastIBP}\nmodel: {_target_: certtrain_models.cnn_7layer_bn, width: 16}\nperturbation: {eps: 0.2}\n")
     (run / "train" / "checkpoints" / "last.ckpt").write_bytes(b"")
     point = {"kind": "full", "n": 200, "eps": 0.1, "clean": 190, "pgd": 170, "verified": 150, "not_attempted": 3,
              "methods": ["IBP", "CROWN-IBP", "CROWN", "alpha-CROWN"], "pgd_steps": 50, "pgd_restarts": 1,

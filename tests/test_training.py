@@ -27,6 +27,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from certtrain.attacks import pgd_attack  # noqa: E402
 from certtrain.losses import margin_spec, robust_ce, verified  # noqa: E402
 from certtrain.certified_module import module_from_config  # noqa: E402
+from certtrain.methods import method_name  # noqa: E402
 from certtrain.schedules import ConstantSchedule, LinearSchedule, SmoothedSchedule, build_schedule  # noqa: E402
 
 GROUPS = ["dataset", "model", "method", "perturbation", "schedule", "trainer", "logger", "paths", "experiment"]
@@ -111,11 +112,12 @@ def test_bounds_in_training_mode_keep_bn_running_stats():
 
     torch.manual_seed(0)
     net = models.cnn_7layer_bn(in_shape=(1, 8, 8), width=4, linear_size=16)
-    module = CertifiedModule(net, (0.3,), (0.4,), 10, method="crown_ibp", eps=0.1).train()
+    module = CertifiedModule(net, (0.3,), (0.4,), 10, method="crown_ibp",
+                             perturbation={"eps": 0.1}).train()
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     before = [(m.running_mean.clone(), int(m.num_batches_tracked)) for m in bns]
-    lb = module.training_bound(x, y, 0.1, beta=0.5)
+    lb = module.method.mixed_bound(module, x, y, 0.1, beta=0.5)
     assert lb.shape == (16, 9) and lb.requires_grad
     for m, (mean, n) in zip(bns, before):
         assert torch.equal(m.running_mean, mean) and int(m.num_batches_tracked) == n
@@ -134,7 +136,7 @@ def test_compose_every_option(tmp_path, group, option):
     model = instantiate(cfg.model, _convert_="all")
     module = module_from_config(cfg, model=model)
     assert isinstance(module, CertifiedModule)
-    assert module.method == cfg.method.name and module.eps == cfg.perturbation.eps
+    assert module.method.name == method_name(cfg.method) and module.eps == cfg.perturbation.eps
     if group == "model":  # every architecture runs in pixel space on the dataset's shape
         module.eval()
         with torch.no_grad():
@@ -170,7 +172,8 @@ def test_bad_config_fails_fast(tmp_path):
 def test_optimizer_and_milestones():
     from certtrain.certified_module import CertifiedModule
 
-    module = CertifiedModule(torch.nn.Linear(4, 2), (0.5,), (0.5,), 2, lr=0.01, milestones=[2, 4], gamma=0.5)
+    module = CertifiedModule(torch.nn.Linear(4, 2), (0.5,), (0.5,), 2,
+                             optim={"lr": 0.01, "milestones": [2, 4], "gamma": 0.5})
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     assert isinstance(opt, torch.optim.Adam) and conf["lr_scheduler"]["interval"] == "epoch"
@@ -225,7 +228,7 @@ def test_checkpoint_has_config_and_resume_continues_schedule(tmp_path):
     assert last and Path(last).name == "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=True)  # plain types only
     conf = ckpt["certtrain_config"]
-    assert conf["method"]["name"] == "crown_ibp" and conf["schedule"]["length"] == 2
+    assert conf["method"]["_target_"] == "certtrain.methods.CROWNIBP" and conf["schedule"]["length"] == 2
     assert conf["dataset"]["train_subset"] == 64
     spe = 2  # 64 images / batch 32
     assert ckpt["global_step"] == 2 * spe
