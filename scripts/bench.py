@@ -3,6 +3,7 @@ training steps side by side, the fast IBP paths next to the reference one, plus 
 throughput.
 
     python scripts/bench.py [--device cuda|cpu] [--out DIR] [--models ...] [--shapes ...]
+    python scripts/bench.py --preset cnn7bn-mnist-narrow   # issue 9's CPU configuration (see below)
 
 One training step = forward, bounds, loss, backward, Adam step. Median over --reps steps after
 --warmup steps (at least one: the first call of a compiled path compiles); on CUDA timed with CUDA
@@ -14,6 +15,14 @@ Steps: "IBP" is the engine's reference path (clean pass + interval walk, ``ibp_s
 (``ibp_autocast="bfloat16"``), "IBP+compile+cudagraphs" (CUDA only).  --channels-last puts conv
 models and inputs in channels_last memory format for every step.  Before a fast path is timed its
 bound is compared with the reference path's on the same batch (column "max rel. diff").
+
+--mode train|eval puts the model in that mode for the training steps (train: BatchNorm uses the
+batch statistics of the clean pass, which the bounds then need); --optimizer sgd|adam; --loss mixed
+(0.5·CE(clean) + 0.5·robust CE, the default) or robust (the robust CE of the margin lower bounds
+alone, i.e. CE on -lb); --width / --linear-size narrow the conv models.  ``--preset
+cnn7bn-mnist-narrow`` is the configuration of issue 9: CNN-7-BN with conv widths 32, 32, 64, 64, 64
+and Linear 256, train mode, MNIST shape, batch 32, 2 threads, L∞ 0.1 in [0, 1], margin spec, CE on
+-lb, SGD; steps natural, IBP (the default engine path), IBP-ref, CROWN-IBP.
 
 Verification: images/s of lower bounds of the 9 (K-1) margins under torch.no_grad() on CNN-7-BN
 at CIFAR shape: "IBP-ref" (reference path), "IBP" (the default: no clean pass), "IBP+compile",
@@ -44,7 +53,14 @@ MODELS = {"MLP": mlp, "CNN-7-BN": cnn_7layer_bn, "ResNeXt": resnext, "DenseNet":
           "WideResNet": wide_resnet}
 SHAPES = {"MNIST": ((1, 28, 28), 10), "CIFAR": ((3, 32, 32), 10), "TinyImageNet": ((3, 64, 64), 200)}
 STEPS = ["natural", "IBP", "IBP+compile", "CROWN-IBP", "CROWN-IBP+fusion"]
-EXTRA_STEPS = ["natural+compile", "IBP+compile+bf16", "IBP+compile+cudagraphs"]
+#: "IBP-default": the engine's default path (the IBP program, no clean pass where none is needed)
+EXTRA_STEPS_FIRST = ["IBP-default"]
+PRESETS = {
+    "cnn7bn-mnist-narrow": dict(models=["CNN-7-BN"], shapes=["MNIST"], batch=32, width=32, linear_size=256,
+                                mode="train", eps=0.1, optimizer="sgd", loss="robust", threads=2,
+                                steps=["natural", "IBP-default", "IBP", "CROWN-IBP"], verify=[], verify_batch=[1]),
+}
+EXTRA_STEPS = ["natural+compile", "IBP+compile+bf16", "IBP+compile+cudagraphs"] + EXTRA_STEPS_FIRST
 VERIFY = ["IBP-ref", "IBP", "IBP+compile", "CROWN-IBP", "CROWN"]
 REFERENCE = {"ibp_skip_clean": False}  # the engine's reference IBP path
 
@@ -104,12 +120,24 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
 
+def build_model(name: str, shape, num_classes: int, args):
+    kw = {}
+    if name != "MLP":
+        if args.width:
+            kw["width"] = args.width
+        if args.linear_size and name in ("CNN-7-BN",):
+            kw["linear_size"] = args.linear_size
+    return MODELS[name](in_shape=shape, num_classes=num_classes, **kw)
+
+
 def training_step(kind: str, model, x, y, num_classes, eps, args):
     """A closure running one training step of the given kind (the CertifiedModule recipe with
     κ = 0.5 natural weight; CROWN-IBP with β = 1), and for a fast IBP path the relative difference
     of its bound from the reference path's on this batch and the seconds of that first bound
     (None otherwise)."""
-    opt = torch.optim.Adam(model.parameters(), 1e-4)
+    opt = (torch.optim.SGD(model.parameters(), 1e-3) if args.optimizer == "sgd"
+           else torch.optim.Adam(model.parameters(), 1e-4))
+    w_nat, w_rob = (0.0, 1.0) if args.loss == "robust" else (0.5, 0.5)
     ptb = PerturbationLpNorm(norm=math.inf, eps=eps, x_L=0.0, x_U=1.0)
     if kind.startswith("natural"):
         run = torch.compile(model, backend=args.compile_backend) if kind == "natural+compile" else model
@@ -125,24 +153,32 @@ def training_step(kind: str, model, x, y, num_classes, eps, args):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            nat = F.cross_entropy(model(x), y)
             _, ub = net.compute_bounds(x=(BoundedTensor(x, ptb), oh), method="CROWN-IBP", bound_lower=False)
-            (0.5 * nat + 0.5 * ub.mean()).backward()
+            loss = w_rob * ub.mean()
+            if w_nat:
+                loss = loss + w_nat * F.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
         return step, None
     C = margin_spec(y, num_classes).to(x)
     method = "CROWN-IBP" if kind == "CROWN-IBP" else "IBP"
-    net = BoundedModule(model, x[:1], bound_opts=fast_opts(kind, args) if kind.startswith("IBP+") else REFERENCE)
+    opts = fast_opts(kind, args) if kind.startswith("IBP+") else {} if kind in ("IBP-default", "CROWN-IBP") \
+        else REFERENCE
+    net = BoundedModule(model, x[:1], bound_opts=opts)
 
     def bound():
-        nat = F.cross_entropy(net(x), y)  # the engine reuses this forward pass for the bounds
+        # With a clean loss the engine reuses this forward pass for the bounds.
+        nat = F.cross_entropy(net(x), y) if w_nat else None
         lb, _ = net.compute_bounds(x=(BoundedTensor(x, ptb),), C=C, method=method, bound_upper=False)
         return nat, lb
 
     def step():
         opt.zero_grad(set_to_none=True)
         nat, lb = bound()
-        (0.5 * nat + 0.5 * robust_ce(lb)).backward()
+        loss = w_rob * robust_ce(lb)
+        if nat is not None:
+            loss = loss + w_nat * nat
+        loss.backward()
         opt.step()
 
     check = None
@@ -167,10 +203,18 @@ def verification_call(method: str, model, x, C, eps, args):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(PRESETS), help="a named configuration (overrides the options it sets)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--mode", choices=["train", "eval"], default="train", help="model mode during the training steps")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--loss", choices=["mixed", "robust"], default="mixed",
+                   help="mixed: 0.5 CE(clean) + 0.5 robust CE; robust: the robust CE alone (CE on -lb)")
+    p.add_argument("--width", type=int, default=None, help="conv width of the conv models (CNN-7-BN: w, w, 2w, 2w, 2w)")
+    p.add_argument("--linear-size", type=int, default=None, help="hidden Linear size of the CNN models")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--shapes", "--shape", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--steps", nargs="+", default=STEPS, choices=STEPS + EXTRA_STEPS)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--warmup", type=int, default=5)
@@ -184,6 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--verify-batch", nargs="+", type=int, default=[128, 128, 128, 128, 1],
                    help="one batch size per --verify method (or one for all)")
     args = p.parse_args(argv)
+    if args.preset:
+        for k, v in PRESETS[args.preset].items():
+            setattr(args, k, v)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if len(args.verify_batch) not in (1, len(args.verify)):
         p.error(f"--verify-batch needs 1 or {len(args.verify)} values (one per --verify method)")
     if args.warmup < 1:
@@ -203,7 +252,7 @@ def main(argv=None) -> int:
             cells, nat = [], None
             for kind in args.steps:
                 torch.manual_seed(0)
-                model = MODELS[mname](in_shape=shape, num_classes=k).to(device, memory_format=fmt).train()
+                model = build_model(mname, shape, k, args).to(device, memory_format=fmt).train(args.mode == "train")
                 x = torch.rand(args.batch, *shape, device=device).contiguous(memory_format=fmt)
                 y = torch.randint(0, k, (args.batch,), device=device)
                 if "cudagraphs" in kind and device.type != "cuda":
@@ -266,8 +315,10 @@ def main(argv=None) -> int:
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda" else
                f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     layout = ", channels_last" if args.channels_last else ""
+    setup = (f"mode {args.mode}, {args.optimizer}, loss {args.loss}"
+             + (f", width {args.width}" if args.width else "") + (f", linear {args.linear_size}" if args.linear_size else ""))
     md = (f"Training steps (median of {args.reps} after {args.warmup} warm-up; ratio to natural), "
-          f"eps={args.eps:.4g}, {machine}, torch {torch.__version__}{layout}, compile backend "
+          f"eps={args.eps:.4g}, {setup}, {machine}, torch {torch.__version__}{layout}, compile backend "
           f"{args.compile_backend}\n\n{header}\n" + "\n".join(rows) +
           "\n\nFast paths: first bound + first step (compilation included) and the bound's max relative "
           "difference from the reference path on the same batch\n\n| model | step | first call | max rel. diff |\n"
