@@ -72,6 +72,15 @@ class Value:
     def bounds(self) -> Interval:
         return (self.lower, self.upper) if self.perturbed else (self.value, self.value)
 
+    def scaled_center_radius(self) -> tuple[Tensor, Tensor, float]:
+        """(s, d, f) with centre = f·s and radius = f·d: from (lower, upper) this is (u + l, u - l, 0.5),
+        which saves the two halvings when the consumer is linear and can fold f into its weights
+        (exact: scaling by 0.5 commutes with rounding)."""
+        if self._center is None and self.perturbed and self._lower is not None:
+            return self._upper + self._lower, self._upper - self._lower, 0.5
+        c, r = self.center_radius
+        return c, r, 1.0
+
     @property
     def center_radius(self) -> tuple[Tensor, Tensor]:
         if self._center is None:

@@ -102,7 +102,10 @@ class BoundConv2d(LinearOp):
             c = F.conv2d(c0, w, b, s, p, d, g)
             r = ball_radius(eps, 4) * w.flatten(1).norm(p=q, dim=1).view(1, -1, 1, 1)
             return c - r, c + r
-        return conv_ibp(*x.center_radius, w, b, s, p, d, g)
+        c, r, f = x.scaled_center_radius()
+        if f != 1.0:  # centre = f·c, radius = f·r: fold f into the weights (exact for f = 0.5)
+            return CenterRadius(F.conv2d(c, w * f, b, s, p, d, g), F.conv2d(r, w.abs() * f, None, s, p, d, g))
+        return conv_ibp(c, r, w, b, s, p, d, g)
 
     def backward_one(self, A, x, *args):
         w, b, s, p, d, g = self.params((x, *args))

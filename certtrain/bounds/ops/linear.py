@@ -31,8 +31,12 @@ class BoundLinear(LinearOp):
             # ||x_i - x0_i||_p <= ||x - x0||_p for every slice x_i that one output row reads.
             r = ball_radius(eps, c.dim()) * w.norm(p=q, dim=1)
             return c - r, c + r
-        # Centre/radius form: W c + b +- |W| r (Gowal et al. 2018, eq. 6).
-        c, r = x.center_radius
+        # Centre/radius form: W c + b +- |W| r (Gowal et al. 2018, eq. 6); centre = f·c, radius =
+        # f·r with f folded into the weights (exact for f = 0.5).
+        c, r, f = x.scaled_center_radius()
+        if f != 1.0:  # scale the outputs (a weight matrix is usually the larger tensor)
+            c = F.linear(c, w) * f
+            return CenterRadius(c + b if b is not None else c, F.linear(r, w.abs()) * f)
         return CenterRadius(F.linear(c, w, b), F.linear(r, w.abs()))
 
     def ibp_spec(self, C, x, *args):
