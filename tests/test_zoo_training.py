@@ -32,4 +32,5 @@ def test_each_model_each_method(tmp_path, model, method):
                              "dataset.batch_size=16", "eval.crown=false", "eval.pgd_steps=2"])
     t = res["test"]
     assert math.isfinite(t["test/clean_acc"]) and t["test/unsound"] == 0.0
-    assert 0.0 <= t["test/verified_acc_ibp"] <= t["test/clean_acc"] + 1e-9
+    # a misclassified sample has a negative margin, so a sound bound never verifies it
+    assert t["test/verified_acc_ibp"] <= t["test/clean_acc"] + 1e-9
