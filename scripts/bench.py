@@ -228,9 +228,11 @@ def main(argv=None) -> int:
     p.add_argument("--verify-batch", nargs="+", type=int, default=[128, 128, 128, 128, 1],
                    help="one batch size per --verify method (or one for all)")
     args = p.parse_args(argv)
-    if args.preset:
+    if args.preset:  # the preset's values, except where the command line sets another
+        defaults = vars(p.parse_args([]))
         for k, v in PRESETS[args.preset].items():
-            setattr(args, k, v)
+            if getattr(args, k) == defaults[k]:
+                setattr(args, k, v)
     if args.threads:
         torch.set_num_threads(args.threads)
     if len(args.verify_batch) not in (1, len(args.verify)):
