@@ -372,7 +372,6 @@ def freeze_bn(twin: RandomNet, x0: torch.Tensor) -> RandomNet:
     hooks = []
     for k, mod in m.named_modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            dims = None
 
             def hook(mod, i, o, k=k):
                 t = i[0]

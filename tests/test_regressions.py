@@ -2,8 +2,6 @@
 and the random-graph suite, tests/test_fuzz_soundness.py), reduced to its smallest model."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F

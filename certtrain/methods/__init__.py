@@ -64,7 +64,7 @@ def build_method(config: Any, where: str = "method") -> TrainingMethod:
     opts = {k: v for k, v in opts.items() if v is not None}
     try:
         return cls(**opts, where=where)
-    except TypeError as e:
+    except TypeError:
         import inspect
 
         known = sorted({p for c in cls.__mro__ if c is not object
