@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .alpha_crown import optimized_bounds
+from .decompose import decompose
 from .functionalize import call_module_safely
 from .graph import BoundNode, attach_op, build_nodes, fetch_attr, is_shape_query, trace
 from .ibp_program import IBP_PROGRAM_OPTS, check_ibp_program_opts, ibp_program_bounds
@@ -114,7 +115,8 @@ class BoundedModule(nn.Module):
         super().__init__()
         self.model = model
         self.bound_opts = check_bound_opts(bound_opts)
-        gm = trace(model)
+        example = self._as_inputs(global_input)
+        gm = decompose(trace(model), example)  # ops without a rule of their own, rewritten (decompose.py)
         object.__setattr__(self, "_gm", gm)  # shares the user's submodules; not a child module
         self._nodes: list[BoundNode] = build_nodes(gm)
         self._by_name = {n.name: n for n in self._nodes}
@@ -127,7 +129,6 @@ class BoundedModule(nn.Module):
                 self._consumers[i].append(n)
         # Check the model once on the example input; every node that can carry a perturbation
         # must have a bound rule (so an unsupported op fails here, not mid-training).
-        example = self._as_inputs(global_input)
         self._input_shapes = [tuple(x.shape[1:]) for x in example]
         # The check runs in eval mode: it must not update BatchNorm statistics, and a batch of
         # one must work for a model in training mode.
@@ -251,7 +252,8 @@ class BoundedModule(nn.Module):
             if n.kind == "placeholder":
                 v.perturbed = perturbed[self._placeholders.index(n)]
             elif n.kind != "get_attr":
-                v.perturbed = _carries_tensor(v.value) and any(values[i].perturbed for i in n.inputs)
+                v.perturbed = _carries_tensor(v.value) and any(values[i].perturbed for i in n.inputs) \
+                    and not is_shape_query(n)
             v.lower = v.upper = v.ball = None
         return values
 
@@ -288,8 +290,9 @@ class BoundedModule(nn.Module):
             else:
                 v = t(*args, **kwargs)
             # Any tensor computed from a perturbed input (also integer ones, or tuples of tensors)
-            # needs a bound rule; only non-tensor values (sizes, shapes) are safe as constants.
-            pert = _carries_tensor(v) and any(values[i].perturbed for i in n.inputs)
+            # needs a bound rule; only non-tensor values (sizes, shapes) and value-free tensors
+            # (zeros_like, ...) are safe as constants.
+            pert = _carries_tensor(v) and any(values[i].perturbed for i in n.inputs) and not is_shape_query(n)
             values[n.name] = Value(n.name, v, pert)
         return values
 

@@ -64,15 +64,24 @@ _SHAPE_METHODS = {"size", "dim", "ndimension", "numel", "nelement"}
 _SHAPE_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "layout"}
 
 
+import torch  # noqa: E402
+
+#: ops whose result depends on a tensor's shape, dtype and device only, never its values
+_VALUE_FREE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like}
+_VALUE_FREE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
+
+
 def is_shape_query(node: "BoundNode") -> bool:
-    """Whether a node only asks for a tensor's shape, dtype or device (safe on a perturbed one)."""
+    """Whether a node reads only a tensor's shape, dtype or device (``x.size()``, ``x.shape``,
+    ``len(x)``, ``torch.zeros_like(x)`` ...): safe on a perturbed tensor, and its result does not
+    depend on the perturbation."""
     t = node.fx_node.target
     if node.kind == "call_method":
-        return t in _SHAPE_METHODS
+        return t in _SHAPE_METHODS or t in _VALUE_FREE_METHODS
     if node.kind == "call_function":
         if t is getattr:
             return len(node.fx_node.args) == 2 and node.fx_node.args[1] in _SHAPE_ATTRS
-        return t is len
+        return t is len or t in _VALUE_FREE_FUNCTIONS
     return False
 
 

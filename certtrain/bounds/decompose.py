@@ -1,0 +1,122 @@
+"""Rewrites of the traced graph into ops that have bound rules, done once per `BoundedModule`
+with the example input's shapes known (so tuple-valued ops can be unpacked).
+
+* ``split`` / ``chunk`` / ``unbind`` read by ``getitem``: each piece becomes ``narrow`` /
+  ``select`` of the input (the sizes are fixed by the traced per-example shape);
+* ``torch.maximum(a, b)`` / ``torch.max(a, b)``: ``a + relu(b - a)``; ``minimum`` / ``min(a, b)``:
+  ``a - relu(a - b)`` (exact identities; the ReLU carries the relaxation).
+
+Each rewrite keeps the model's function exactly (up to rounding of the clean values).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Sequence
+
+import torch
+from torch import fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .graph import TraceError
+
+_SPLITS = {torch.split: "split", torch.chunk: "chunk", torch.unbind: "unbind", torch.tensor_split: "tensor_split",
+           "split": "split", "chunk": "chunk", "unbind": "unbind", "tensor_split": "tensor_split"}
+
+
+def _dim_of(node: fx.Node, default: int = 0) -> int:
+    kind = _SPLITS[node.target]
+    args = node.args
+    if kind == "unbind":
+        return int(args[1]) if len(args) > 1 else int(node.kwargs.get("dim", 0))
+    return int(args[2]) if len(args) > 2 else int(node.kwargs.get("dim", default))
+
+
+def _unpack_splits(gm: fx.GraphModule) -> bool:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or node.target not in _SPLITS:
+            continue
+        meta = node.meta.get("tensor_meta")
+        if not isinstance(meta, (tuple, list)):
+            continue
+        src = node.args[0]
+        nd = len(src.meta["tensor_meta"].shape) if "tensor_meta" in getattr(src, "meta", {}) else None
+        dim = _dim_of(node)
+        if nd is not None:
+            dim %= nd
+        sizes = [int(m.shape[dim]) if _SPLITS[node.target] != "unbind" else 1 for m in meta]
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        users = list(node.users)
+        if not users or any(u.op != "call_function" or u.target is not operator.getitem or
+                            not isinstance(u.args[1], int) for u in users):
+            where = node.meta.get("stack_trace", "").strip().splitlines()[-1:] or [node.name]
+            raise TraceError(f"{node.target if isinstance(node.target, str) else node.target.__name__} at graph "
+                             f"node '{node.name}' ({where[0].strip()}) is used other than by indexing its pieces "
+                             "(t[0], t[1], ...), which the bound engine needs to follow it")
+        for u in users:
+            i = u.args[1] % len(sizes)
+            with gm.graph.inserting_before(u):
+                if _SPLITS[node.target] == "unbind":
+                    new = gm.graph.call_function(torch.select, (src, dim, i))
+                else:
+                    new = gm.graph.call_function(torch.narrow, (src, dim, starts[i], sizes[i]))
+            new.meta = dict(u.meta)
+            u.replace_all_uses_with(new)
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def _is_tensor_node(a: Any) -> bool:
+    return isinstance(a, fx.Node) and hasattr(a.meta.get("tensor_meta"), "shape")
+
+
+def _rewrite_min_max(gm: fx.GraphModule) -> bool:
+    changed = False
+    for node in list(gm.graph.nodes):
+        t = node.target
+        two = len(node.args) == 2 and all(_is_tensor_node(a) for a in node.args)
+        if node.op == "call_function" and t in (torch.maximum, torch.minimum, torch.max, torch.min) and two:
+            a, b = node.args
+        elif node.op == "call_method" and t in ("maximum", "minimum", "max", "min") and two:
+            a, b = node.args
+        else:
+            continue
+        is_max = (t in (torch.maximum, torch.max)) or t in ("maximum", "max")
+        with gm.graph.inserting_before(node):
+            if is_max:  # max(a, b) = a + relu(b - a)
+                d = gm.graph.call_function(operator.sub, (b, a))
+                r = gm.graph.call_function(torch.relu, (d,))
+                new = gm.graph.call_function(operator.add, (a, r))
+            else:  # min(a, b) = a - relu(a - b)
+                d = gm.graph.call_function(operator.sub, (a, b))
+                r = gm.graph.call_function(torch.relu, (d,))
+                new = gm.graph.call_function(operator.sub, (a, r))
+        for n in (d, r, new):
+            n.meta = {"stack_trace": node.meta.get("stack_trace", "")}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
+def decompose(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """Apply every rewrite above to ``gm`` (in place; the engine owns the graph)."""
+    modes = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        with torch.no_grad():
+            try:
+                ShapeProp(gm).propagate(*[x.clone() for x in example])  # never the caller's tensors
+            except RuntimeError as e:  # the model's own error on the example input, unwrapped
+                raise (e.__cause__ or e) from None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    changed = _unpack_splits(gm)
+    changed = _rewrite_min_max(gm) or changed
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
