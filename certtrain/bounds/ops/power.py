@@ -126,6 +126,56 @@ class _PowBase(ElementwiseRelaxOp):
         return slope, inter, tan_d, tan_b
 
 
+    # -------- α-CROWN: the tangent point of a convex / concave piece is free (any point of [l, u]
+    # gives a valid tangent line), parameterized as d = l + α (u - l) with α in [0, 1].
+    alpha_range = (0.0, 1.0)
+
+    def _pure(self, l: torch.Tensor) -> bool:
+        """Whether every neuron is on one convex or concave piece (not an odd power across 0)."""
+        p = self._p()
+        return p not in (0.0, 1.0) and not (self._integer(p) and p > 0 and int(p) % 2 == 1)
+
+    def unstable(self, l, u):
+        if not self._pure(l):
+            return torch.zeros_like(l, dtype=torch.bool)
+        return u > l
+
+    def alpha_init(self, l, u):
+        return torch.full_like(l, 0.5)  # the midpoint: plain CROWN's tangent
+
+    def backward_alpha(self, lA, uA, alpha, x, *args, **kwargs):
+        l, u = x.bounds
+        if not self._pure(l):
+            return self.backward(lA, uA, x, *args, **kwargs)
+        self._check_domain(l, self._p())
+        p = self._p()
+        convex = (self._integer(p) and int(p) % 2 == 0) or p > 1 or p < 0
+        slope, inter, flat = _chord(self.fn, l, u)
+        zero, fl = torch.zeros_like(l), self.fn(l)
+        slope, inter = torch.where(flat, zero, slope), torch.where(flat, fl, inter)
+
+        def lines(a):
+            if a is None:
+                a = torch.full_like(l, 0.5)
+            per_row = a.dim() == l.dim() + 1
+            lo, up = (l.unsqueeze(1), u.unsqueeze(1)) if per_row else (l, u)
+            d = lo + a.clamp(0, 1) * (up - lo)
+            td = self.dfn(d)
+            tb = self.fn(d) - td * d
+            fl_, flat_ = (fl.unsqueeze(1), flat.unsqueeze(1)) if per_row else (fl, flat)
+            td, tb = torch.where(flat_, torch.zeros_like(td), td), torch.where(flat_, fl_.expand_as(tb), tb)
+            sl, it = (slope.unsqueeze(1).expand_as(td), inter.unsqueeze(1).expand_as(tb)) if per_row else (slope, inter)
+            return (td, tb, sl, it) if convex else (sl, it, td, tb)
+
+        from .activation import relax_backward
+        nl, lbias, nu, ubias = None, 0, None, 0
+        if lA is not None:
+            nl, lbias, _, _ = relax_backward(lA, None, *lines(alpha[0]))
+        if uA is not None:
+            _, _, nu, ubias = relax_backward(None, uA, *lines(alpha[1]))
+        return [(x, nl, nu)], lbias, ubias
+
+
 @register_op("Pow")
 class BoundPow(_PowBase):
     targets = (torch.pow, operator.pow, "method:pow", "method:__pow__")
