@@ -79,3 +79,46 @@ def test_pow_noninteger(folder, dtype):
         assert (lb >= rl - 1e-4).all() and (ub <= ru + 1e-4).all(), (p, lo, hi, lb, ub, rl, ru)
         assert (lb >= cl - 1e-7).all() and (ub <= cu + 1e-7).all()
         assert_sound(_Pow(p), x, ptb, lb, ub)
+
+
+class _ClipNet(nn.Module):
+    """vision_clip_test_data's model: Conv-HardTanh ×2, Linear-HardTanh, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 8, 4, 2, 1), nn.Conv2d(8, 16, 4, 2, 1)
+        self.fc1, self.fc2 = nn.Linear(784, 256), nn.Linear(256, 10)
+        self.h = nn.Hardtanh()
+
+    def forward(self, x):
+        x = self.h(self.conv1(x))
+        x = self.h(self.conv2(x))
+        return self.fc2(self.h(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.parametrize("norm", ["inf", "2"])
+@pytest.mark.parametrize("folder,dtype", [F32, F64])
+def test_vision_clip(folder, dtype, norm):
+    """HardTanh: IBP, CROWN-IBP and CROWN (default: same-slope lines, as auto_LiRPA's default and its
+    `hardtanh='same-slope'` run) equal auto_LiRPA's (rtol 1e-4, as its test); the adaptive slopes
+    are sound."""
+    ref = _load(f"{folder}/vision_clip_test_data")
+    model = _ClipNet().to(dtype)
+    model.load_state_dict(ref["model"])
+    model.eval()
+    x0 = ref["data"].to(dtype)
+    ptb = PerturbationLpNorm(eps=0.01, norm=float(norm))
+    peer = {"intersect_intermediate": False}
+    for key, method, opts in (("IBP", "IBP", {}), ("CROWN-same-slope", "CROWN", {"hardtanh": "same-slope"}),
+                              ("CROWN-IBP", "CROWN-IBP", {}), ("CROWN", "CROWN", {})):
+        net = BoundedModule(model, x0, bound_opts={**peer, **opts})
+        with torch.no_grad():
+            lb, ub = net.compute_bounds(x=(BoundedTensor(x0, ptb),), method=method)
+        rl, ru = (ref[f"l_{norm}_{key}_{s}"].to(dtype) for s in ("lb", "ub"))
+        _close(lb, rl, 1e-4, 2e-7, f"{key} lb")
+        _close(ub, ru, 1e-4, 2e-7, f"{key} ub")
+    for opts in ({"hardtanh": "adaptive"}, {"hardtanh": "zero"}, {}):
+        net = BoundedModule(model, x0, bound_opts=opts)
+        with torch.no_grad():
+            lb, ub = net.compute_bounds(x=(BoundedTensor(x0, ptb),), method="CROWN")
+        assert_sound(model, x0, ptb, lb, ub, n_random=100, pgd_steps=10)

@@ -50,6 +50,7 @@ from .tensor import BoundedTensor
 
 DEFAULT_OPTS: dict[str, Any] = {
     "relu": "adaptive",           # lower slope of unstable ReLUs: adaptive | same-slope | zero
+    "hardtanh": "same-slope",     # free slope of clamp / HardTanh across a limit: same-slope | adaptive | zero
     "conv_mode": "patches",       # patches | matrix (dense), for CROWN through convolutions
     "memory_budget": 1 << 30,     # bytes of CROWN coefficients per chunk of rows
     "sparse_intermediate_bounds": True,  # CROWN only for neurons whose relaxation they change
@@ -71,8 +72,10 @@ def check_bound_opts(bound_opts: Optional[Mapping[str, Any]]) -> dict[str, Any]:
         if key not in DEFAULT_OPTS:
             raise ValueError(f"unknown bound_opts key {k!r}; available: {', '.join(DEFAULT_OPTS)}")
         opts[key] = _RELU_ALIASES.get(v, v) if key == "relu" else v
-    if opts["relu"] not in _RELU_VALUES:
-        raise ValueError(f"bound_opts relu={opts['relu']!r}: use 'adaptive', 'same-slope' or 'zero'")
+    for key in ("relu", "hardtanh"):
+        opts[key] = _RELU_ALIASES.get(opts[key], opts[key])
+        if opts[key] not in _RELU_VALUES:
+            raise ValueError(f"bound_opts {key}={opts[key]!r}: use 'adaptive', 'same-slope' or 'zero'")
     if opts["conv_mode"] not in ("patches", "matrix"):
         raise ValueError(f"bound_opts conv_mode={opts['conv_mode']!r}: use 'patches' or 'matrix'")
     mb = opts["memory_budget"]
