@@ -27,14 +27,43 @@ def test_unsupported_op_names_op_node_line_and_fix():
     assert "register_op" in msg
 
 
-def test_product_of_two_perturbed_tensors():
-    class Sq(nn.Module):
-        def forward(self, x):
-            return x * x
+@pytest.mark.parametrize("body,match", [
+    ("ranks", "different ranks"), ("batch", "batch"), ("vector", "vector operand")])
+def test_matmul_shapes_that_have_no_rule(body, match):
+    """matmul forms the rule cannot bound say what to change, at trace-time shapes."""
 
-    net = BoundedModule(nn.Sequential(nn.Linear(3, 3), Sq()), torch.rand(2, 3))
-    with pytest.raises(UnsupportedOperation, match="product of two perturbed"):
-        net.compute_bounds(x=(BoundedTensor(torch.rand(2, 3), PerturbationLpNorm(eps=0.1)),), method="IBP")
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.v = nn.Parameter(torch.rand(4))
+
+        def forward(self, x):
+            h = self.fc(x)                        # (B, 4)
+            if body == "ranks":                   # (B, 2, 2) @ (B, 1, 2, 2) would mix the batch
+                return torch.matmul(h.view(-1, 2, 2), h.view(-1, 1, 2, 2)).flatten(1)
+            if body == "batch":                   # h^T h contracts over the batch
+                return torch.matmul(h.t(), h)
+            return torch.matmul(h, self.v)        # a vector on the right
+
+    net = BoundedModule(M(), torch.rand(2, 4))
+    with pytest.raises(UnsupportedOperation, match=match):
+        net.compute_bounds(x=(BoundedTensor(torch.rand(2, 4), PerturbationLpNorm(eps=0.1)),), method="IBP")
+
+
+def test_division_by_a_bounded_tensor_that_may_be_zero():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h[:, :1] / h[:, 1:]
+
+    net = BoundedModule(M(), torch.rand(2, 3))
+    with pytest.raises(ValueError, match="positive domain.*divisor"):
+        net.compute_bounds(x=(BoundedTensor(torch.rand(2, 3), PerturbationLpNorm(eps=5.0)),), method="IBP")
 
 
 @pytest.fixture

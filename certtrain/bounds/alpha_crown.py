@@ -29,11 +29,13 @@ if TYPE_CHECKING:  # pragma: no cover
 from .methods import ALPHA_DEFAULTS as DEFAULT_ALPHA_OPTS, check_alpha_opts  # noqa: E402,F401 (re-export)
 
 
-def _init_alpha(n, state: "BoundState", rows: int, lower: bool, upper: bool) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _init_alpha(net, n, state: "BoundState", rows: int, lower: bool, upper: bool
+                ) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The op's CROWN parameter as the starting point, (B, rows, *node_shape) per side."""
-    l, u = (t.detach() for t in state.bounds(n.relaxed_names[0]))
+    args, kwargs = net.op_args(state, n.name)
     lo, hi = n.op.alpha_range
-    dl = n.op.alpha_init(l, u).detach().clamp(lo, hi)
+    with torch.no_grad():
+        dl = n.op.alpha_start(*args, **kwargs).detach().clamp(lo, hi)
     init = dl.unsqueeze(1).expand(dl.shape[0], rows, *dl.shape[1:])
     return (init.clone().requires_grad_(True) if lower else None,
             init.clone().requires_grad_(True) if upper else None)
@@ -53,14 +55,14 @@ def optimized_bounds(net: "BoundedModule", state: "BoundState", C: Optional[Tens
     inter = bool(opts["optimize_intermediate"])
 
     nodes = net.optimizable_nodes(state)
-    alphas = {n.name: _init_alpha(n, state, S, lower, upper) for n in nodes}
+    alphas = {n.name: _init_alpha(net, n, state, S, lower, upper) for n in nodes}
     # Intermediate layers: one α per neuron (shared by the rows of that layer, which keeps their
     # convolution-shaped Patches), per start node and side, for every relaxed node before it.
     inter_alphas: dict[str, dict] = {}
     if inter:
         order = {n.name: i for i, n in enumerate(net.nodes)}
         for s in net.relaxed_input_names(state):
-            inter_alphas[s] = {n.name: _init_alpha(n, state, 1, True, True) for n in nodes
+            inter_alphas[s] = {n.name: _init_alpha(net, n, state, 1, True, True) for n in nodes
                                if order[n.name] < order[s]}
     params = [a for pair in alphas.values() for a in pair if a is not None]
     params += [a for d in inter_alphas.values() for pair in d.values() for a in pair if a is not None]

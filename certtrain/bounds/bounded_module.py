@@ -399,10 +399,15 @@ class BoundedModule(nn.Module):
         for n in self._nodes:
             if n.op is None or n.op.alpha_range is None or not state.perturbed(n.name):
                 continue
-            l, u = state.bounds(n.relaxed_names[0])
-            if bool(n.op.unstable(l, u).any()):
+            args, kwargs = self.op_args(state, n.name)
+            if bool(n.op.alpha_free(*args, **kwargs).any()):
                 out.append(n)
         return out
+
+    def op_args(self, state: BoundState, name: str) -> tuple:
+        """(args, kwargs) of node ``name``'s op: `Value` objects of the state where the graph has
+        nodes, constants elsewhere (what the op's methods receive)."""
+        return self._args(self._by_name[name], state.values, raw=False)
 
     def _ibp_is_exact(self, n: BoundNode, state: BoundState) -> bool:
         """IBP is as tight as CROWN for an affine op fed directly by a box (``op.ibp_exact_on_box``

@@ -6,6 +6,9 @@ with the example input's shapes known (so tuple-valued ops can be unpacked).
 * ``torch.maximum(a, b)`` / ``torch.max(a, b)``: ``a + relu(b - a)``; ``minimum`` / ``min(a, b)``:
   ``a - relu(a - b)`` (exact identities; the ReLU carries the relaxation).
 
+* ``a / b`` with ``b`` computed from a model input: ``a * reciprocal(b)`` (the reciprocal rule
+  bounds 1/b on a positive or negative domain; the product rule bounds a * (1/b)).
+
 Each rewrite keeps the model's function exactly (up to rounding of the clean values).
 """
 from __future__ import annotations
@@ -101,6 +104,40 @@ def _rewrite_min_max(gm: fx.GraphModule) -> bool:
     return changed
 
 
+_DIVS = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide", "__truediv__")
+
+
+def _from_inputs(gm: fx.GraphModule) -> set:
+    """Nodes whose value depends on a placeholder (what a perturbation can reach)."""
+    seen: set = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in seen for a in node.all_input_nodes):
+            seen.add(node)
+    return seen
+
+
+def _rewrite_division(gm: fx.GraphModule) -> bool:
+    changed = False
+    reach = _from_inputs(gm)
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method") or node.target not in _DIVS:
+            continue
+        if len(node.args) != 2 or node.kwargs.get("rounding_mode") is not None:
+            continue
+        a, b = node.args
+        if not (isinstance(b, fx.Node) and b in reach):
+            continue
+        with gm.graph.inserting_before(node):
+            r = gm.graph.call_function(torch.reciprocal, (b,))
+            new = gm.graph.call_function(operator.mul, (a, r))
+        for n in (r, new):
+            n.meta = {"stack_trace": node.meta.get("stack_trace", "")}
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        changed = True
+    return changed
+
+
 def decompose(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> fx.GraphModule:
     """Apply every rewrite above to ``gm`` (in place; the engine owns the graph)."""
     modes = [(m, m.training) for m in gm.modules()]
@@ -116,6 +153,7 @@ def decompose(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> fx.GraphMo
             m.training = mode
     changed = _unpack_splits(gm)
     changed = _rewrite_min_max(gm) or changed
+    changed = _rewrite_division(gm) or changed
     if changed:
         gm.graph.lint()
         gm.recompile()

@@ -9,9 +9,11 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from ..patches import Patches, a_dot, a_scale
+
+from . import bilinear
 from .base import LinearOp, const, is_perturbed, unbroadcast
 from .registry import UnsupportedOperation, register_op
 
@@ -107,7 +109,97 @@ class _Scale(LinearOp):
 
 @register_op("Mul")
 class BoundMul(_Scale):
+    """x * c (linear, as `_Scale`) or x * y with both bounded (McCormick planes, `bilinear`; x * x is
+    a square: exact IBP, tangent below and chord above)."""
+
     targets = (operator.mul, torch.mul, "method:mul", operator.imul)
+    alpha_range = (0.0, 1.0)
+
+    @property
+    def relaxed_inputs(self):  # both operands' bounds, where both may depend on an input
+        a = self.node.args[:2]
+        both = len(a) == 2 and all(isinstance(v, fx.Node) and v.op != "get_attr" for v in a)
+        return (0, 1) if both else ()
+
+    def _both(self, a, b) -> bool:
+        return is_perturbed(a) and is_perturbed(b)
+
+    def ibp(self, a, b, *rest, **kw):
+        if not self._both(a, b):
+            return super().ibp(a, b, *rest, **kw)
+        if a is b:
+            return bilinear.square_interval(*a.bounds)
+        return bilinear.corner_interval(*a.bounds, *b.bounds)
+
+    def _square_lines(self, l, u, t=None):
+        """x² on [l, u]: tangent at l + t (u - l) below (t = 1/2: the midpoint), chord above."""
+        per_row = t is not None and t.dim() == l.dim() + 1
+        lo, up = (l.unsqueeze(1), u.unsqueeze(1)) if per_row else (l, u)
+        d = lo + (0.5 if t is None else t) * (up - lo)
+        chord_d, chord_b = (l + u), -l * u  # through (l, l²) and (u, u²)
+        if per_row:
+            chord_d, chord_b = chord_d.unsqueeze(1).expand_as(d), chord_b.unsqueeze(1).expand_as(d)
+        return 2 * d, -d * d, chord_d, chord_b
+
+    def _product(self, lA, uA, a, b, alpha=None):
+        from ..patches import to_dense
+        from .activation import relax_backward
+
+        lA = to_dense(lA) if lA is not None else None
+        uA = to_dense(uA) if uA is not None else None
+        if a is b:  # a square
+            l, u = a.bounds
+            nl = nu = None
+            lbias = ubias = 0
+            if lA is not None:
+                nl, lbias, _, _ = relax_backward(lA, None, *self._square_lines(l, u, None if alpha is None else alpha[0]))
+            if uA is not None:
+                _, _, nu, ubias = relax_backward(None, uA, *self._square_lines(l, u, None if alpha is None else alpha[1]))
+            return [(a, nl, nu)], lbias, ubias
+        xl, xu = a.bounds
+        yl, yu = b.bounds
+        out, biases = {"x": [None, None], "y": [None, None]}, [0, 0]
+        for side, A in enumerate((lA, uA)):
+            if A is None:
+                continue
+            t = None if alpha is None else alpha[side]
+            if t is not None and t.dim() == xl.dim() + 1:  # per-row α: the bounds get a row dim
+                lo_, up_ = bilinear.planes(*(v.unsqueeze(1) for v in (xl, xu, yl, yu)), t)
+            else:
+                lo_, up_ = bilinear.planes(xl, xu, yl, yu, t)
+            pos, neg = (lo_, up_) if side == 0 else (up_, lo_)
+            Ax, Ay, bias = bilinear.select(A, pos, neg)
+            out["x"][side] = unbroadcast(Ax, a.value.shape[1:])
+            out["y"][side] = unbroadcast(Ay, b.value.shape[1:])
+            biases[side] = bias
+        return [(a, *out["x"]), (b, *out["y"])], biases[0], biases[1]
+
+    def backward(self, lA, uA, a, b, *rest, **kw):
+        if not self._both(a, b):
+            return super().backward(lA, uA, a, b, *rest, **kw)
+        return self._product(lA, uA, a, b)
+
+    def _out_like(self, a, b):
+        return torch.broadcast_tensors(const(a), const(b))[0]
+
+    def alpha_free(self, a, b, *rest, **kw):
+        if not self._both(a, b):  # a linear scaling: nothing to optimize
+            return torch.zeros((), dtype=torch.bool)
+        if a is b:
+            l, u = a.bounds
+            return u > l
+        xl, xu = a.bounds
+        yl, yu = b.bounds
+        return (xu > xl) & (yu > yl)  # broadcast to the product's shape
+
+    def alpha_start(self, a, b, *rest, **kw):
+        ref = self._out_like(a, b)
+        return torch.full_like(ref, 0.5) if a is b else torch.ones_like(ref)
+
+    def backward_alpha(self, lA, uA, alpha, a, b, *rest, **kw):
+        if not self._both(a, b):
+            return super().backward(lA, uA, a, b, *rest, **kw)
+        return self._product(lA, uA, a, b, alpha)
 
 
 @register_op("Div")

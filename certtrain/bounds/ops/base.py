@@ -177,6 +177,19 @@ class BoundOp:
         """The free parameter that plain CROWN uses (α-CROWN's starting point)."""
         raise NotImplementedError(f"{type(self).__name__} has no free relaxation parameter")
 
+    def _relaxed_value(self, args) -> "Value":
+        return args[self.relaxed_inputs[0]]
+
+    def alpha_free(self, *args, **kwargs) -> Tensor:
+        """(B, *output_shape) mask of where the free parameter matters, from the op's arguments
+        (default: `unstable` on the bounds of its first relaxed input)."""
+        return self.unstable(*self._relaxed_value(args).bounds)
+
+    def alpha_start(self, *args, **kwargs) -> Tensor:
+        """(B, *output_shape) starting α from the op's arguments (default: `alpha_init` on the
+        bounds of its first relaxed input)."""
+        return self.alpha_init(*self._relaxed_value(args).bounds)
+
     def backward_alpha(self, lA: Optional[LinearA], uA: Optional[LinearA], alpha, *args, **kwargs):
         """`backward` with the free parameters ``alpha`` = (for the lower bound's rows, for the
         upper bound's rows), for ops with an ``alpha_range``."""

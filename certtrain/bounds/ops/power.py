@@ -68,7 +68,8 @@ class _PowBase(ElementwiseRelaxOp):
             return
         if p < 0 and (l <= 0).any():
             raise ValueError(f"{self.node.name}: x^{p:g} of an input whose lower bound is <= 0 is unbounded "
-                             "(only a positive domain has a bound rule)")
+                             "(only a positive domain has a bound rule: keep the base, or a divisor, positive "
+                             "over the perturbation, e.g. relu(h) + c, exp(h) or softplus(h) + c)")
         if p > 0 and (l < 0).any():
             raise ValueError(f"{self.node.name}: x^{p:g} of an input whose lower bound is < 0 is undefined "
                              "(only x >= 0 has a bound rule)")
