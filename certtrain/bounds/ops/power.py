@@ -18,7 +18,7 @@ from __future__ import annotations
 import operator
 
 import torch
-from torch import fx
+from torch import Tensor, fx
 
 from .activation import ElementwiseRelaxOp
 from .registry import UnsupportedOperation, register_op
