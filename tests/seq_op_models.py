@@ -72,3 +72,50 @@ class ProductOps(nn.Module):
         o = torch.relu(s2) @ v                                         # (B, t, d)
         r = a / (torch.relu(b) + 1.0)                                  # by a bounded divisor
         return self.out(torch.cat([a * b, a * a, r, s.flatten(1), o.flatten(1)], 1))
+
+
+class MeanOnlyLayerNorm(nn.Module):
+    """LayerNorm without the variance division (x - mean(x)) * w + b: the form certified training
+    of Transformers uses (Shi et al. 2020), linear and so cheap to bound."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(d)), nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return (x - x.mean(-1, keepdim=True)) * self.weight + self.bias
+
+
+class TransformerClassifier(nn.Module):
+    """Embeddings (B, T, D) -> nn.MultiheadAttention (softmax) + residual -> LayerNorm -> FFN with
+    GELU + residual -> LayerNorm -> mean pooling -> Linear."""
+
+    def __init__(self, d=8, heads=2, ffn=12, out=3, mean_only=False):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        norm = MeanOnlyLayerNorm if mean_only else nn.LayerNorm
+        self.ln1, self.ln2 = norm(d), norm(d)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Linear(ffn, d))
+        self.head = nn.Linear(d, out)
+
+    def forward(self, x):
+        a, _ = self.attn(x, x, x, need_weights=False)
+        h = self.ln1(x + a)
+        h = self.ln2(h + self.ffn(h))
+        return self.head(h.mean(1))
+
+
+class LSTMCellClassifier(nn.Module):
+    """Embeddings (B, T, D) -> nn.LSTMCell over the T steps -> Linear on the last hidden state."""
+
+    def __init__(self, d=6, hidden=8, steps=3, out=3):
+        super().__init__()
+        self.steps = steps
+        self.cell = nn.LSTMCell(d, hidden)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x):
+        h, c = self.cell(x[:, 0])
+        for t in range(1, self.steps):
+            h, c = self.cell(x[:, t], (h, c))
+        return self.head(h)

@@ -38,7 +38,7 @@ from torch import Tensor, fx, nn
 from .alpha_crown import optimized_bounds
 from .decompose import decompose
 from .functionalize import call_module_safely
-from .graph import BoundNode, attach_op, build_nodes, fetch_attr, is_shape_query, trace
+from .graph import BoundNode, attach_op, build_nodes, fetch_attr, is_set_constant, trace
 from .ibp_program import IBP_PROGRAM_OPTS, check_ibp_program_opts, ibp_program_bounds
 from .methods import ALPHA_DEFAULTS, BoundMethod, check_alpha_opts, get_method
 from .ops.base import Value
@@ -147,7 +147,7 @@ class BoundedModule(nn.Module):
             if n.kind.startswith("call") and values[n.name].perturbed:
                 attach_op(n, self.bound_opts)
             elif (n.kind.startswith("call") and any(values[i].perturbed for i in n.inputs)
-                  and not is_shape_query(n)):
+                  and not is_set_constant(n)):
                 # A perturbed tensor turned into a Python value (.item(), .tolist(), bool(...),
                 # an in-place op's None, ...) would be treated as a constant: refuse it.
                 raise UnsupportedOperation(
@@ -256,7 +256,7 @@ class BoundedModule(nn.Module):
                 v.perturbed = perturbed[self._placeholders.index(n)]
             elif n.kind != "get_attr":
                 v.perturbed = _carries_tensor(v.value) and any(values[i].perturbed for i in n.inputs) \
-                    and not is_shape_query(n)
+                    and not is_set_constant(n)
             v.lower = v.upper = v.ball = None
         return values
 
@@ -295,7 +295,7 @@ class BoundedModule(nn.Module):
             # Any tensor computed from a perturbed input (also integer ones, or tuples of tensors)
             # needs a bound rule; only non-tensor values (sizes, shapes) and value-free tensors
             # (zeros_like, ...) are safe as constants.
-            pert = _carries_tensor(v) and any(values[i].perturbed for i in n.inputs) and not is_shape_query(n)
+            pert = _carries_tensor(v) and any(values[i].perturbed for i in n.inputs) and not is_set_constant(n)
             values[n.name] = Value(n.name, v, pert)
         return values
 

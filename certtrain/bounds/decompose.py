@@ -6,6 +6,11 @@ with the example input's shapes known (so tuple-valued ops can be unpacked).
 * ``torch.maximum(a, b)`` / ``torch.max(a, b)``: ``a + relu(b - a)``; ``minimum`` / ``min(a, b)``:
   ``a - relu(a - b)`` (exact identities; the ReLU carries the relaxation).
 
+* ``softmax(x, dim)``: ``e = exp(x - c)``, ``e * reciprocal(sum(e, dim))`` with c the clean
+  maximum (`graph.invariant_shift`), closed by ``softmax_guard`` (the exact per-element interval,
+  ops/softmax.py);
+* ``layer_norm(x, shape, w, b, eps)``: ``d = x - mean(x)``, ``d * rsqrt(mean(d * d) + eps) * w + b``
+  (``d * d`` is one node used twice: the square rule);
 * ``a / b`` with ``b`` computed from a model input: ``a * reciprocal(b)`` (the reciprocal rule
   bounds 1/b on a positive or negative domain; the product rule bounds a * (1/b)).
 
@@ -20,7 +25,10 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph import TraceError
+import torch.nn.functional as F
+
+from .graph import TraceError, invariant_shift
+from .ops.softmax import softmax_guard
 
 _SPLITS = {torch.split: "split", torch.chunk: "chunk", torch.unbind: "unbind", torch.tensor_split: "tensor_split",
            "split": "split", "chunk": "chunk", "unbind": "unbind", "tensor_split": "tensor_split"}
@@ -104,6 +112,74 @@ def _rewrite_min_max(gm: fx.GraphModule) -> bool:
     return changed
 
 
+def _replace(gm: fx.GraphModule, node: fx.Node, fn, *args, **kwargs) -> None:
+    """Replace ``node`` by the nodes that ``fn`` records when called on proxies of its arguments."""
+    tracer = fx.proxy.GraphAppendingTracer(gm.graph)
+
+    def wrap(a):
+        return fx.Proxy(a, tracer) if isinstance(a, fx.Node) else a
+    with gm.graph.inserting_before(node):
+        out = fn(*[wrap(a) for a in args], **{k: wrap(v) for k, v in kwargs.items()})
+    for n in gm.graph.nodes:
+        if not n.meta and n is not out.node:
+            n.meta = {"stack_trace": node.meta.get("stack_trace", "")}
+    out.node.meta = {"stack_trace": node.meta.get("stack_trace", "")}
+    node.replace_all_uses_with(out.node)
+    gm.graph.erase_node(node)
+
+
+def _call(fn, *args):
+    """One graph node calling ``fn`` (not traced into)."""
+    return args[0].tracer.create_proxy("call_function", fn, args, {})
+
+
+def _softmax_parts(x, dim):
+    e = torch.exp(x - _call(invariant_shift, x, dim))
+    y = e * torch.reciprocal(e.sum(dim, keepdim=True))
+    return _call(softmax_guard, y, x, dim)
+
+
+def _layer_norm_parts(x, shape, weight=None, bias=None, eps=1e-5):
+    dims = tuple(range(-len(shape), 0))
+    d = x - x.mean(dims, keepdim=True)
+    y = d * torch.rsqrt((d * d).mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+_SOFTMAX = (F.softmax, torch.softmax, "softmax")
+_LAYER_NORM = (F.layer_norm, torch.layer_norm)
+
+
+def _arg(node: fx.Node, i: int, name: str, default=None):
+    return node.args[i] if len(node.args) > i else node.kwargs.get(name, default)
+
+
+def _rewrite_softmax_layer_norm(gm: fx.GraphModule) -> bool:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        if node.target in _SOFTMAX:
+            dim = _arg(node, 1, "dim")
+            if dim is None:
+                raise TraceError(f"softmax at graph node '{node.name}' without dim: pass dim= (the bound engine "
+                                 "never reduces over the batch)")
+            if _arg(node, 3 if node.op == "call_function" else 2, "dtype") is not None:
+                raise TraceError(f"softmax at graph node '{node.name}' with dtype=: cast the input instead")
+            _replace(gm, node, _softmax_parts, node.args[0], int(dim))
+            changed = True
+        elif node.target in _LAYER_NORM:
+            ns = _arg(node, 1, "normalized_shape")
+            _replace(gm, node, _layer_norm_parts, node.args[0], (ns,) if isinstance(ns, int) else tuple(ns),
+                     _arg(node, 2, "weight"), _arg(node, 3, "bias"), float(_arg(node, 4, "eps", 1e-5)))
+            changed = True
+    return changed
+
+
 _DIVS = (operator.truediv, torch.div, torch.true_divide, "div", "true_divide", "__truediv__")
 
 
@@ -153,6 +229,7 @@ def decompose(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> fx.GraphMo
             m.training = mode
     changed = _unpack_splits(gm)
     changed = _rewrite_min_max(gm) or changed
+    changed = _rewrite_softmax_layer_norm(gm) or changed
     changed = _rewrite_division(gm) or changed
     if changed:
         gm.graph.lint()

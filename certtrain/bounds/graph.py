@@ -25,9 +25,20 @@ class TraceError(RuntimeError):
 
 
 class _Tracer(fx.Tracer):
+    """fx's tracer, except that layers with a substitute (`certtrain.bounds.substitutes`: layers
+    whose own forward fx cannot trace or the engine has no single rule for, such as
+    nn.MultiheadAttention or nn.LSTMCell) are traced through that substitute."""
+
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+
+    def call_module(self, m, forward, args, kwargs):
+        from .substitutes import MODULES
+        sub = MODULES.get(type(m))
+        if sub is not None:
+            return sub(m, *args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
 
 @dataclass(eq=False)
@@ -69,6 +80,19 @@ import torch  # noqa: E402
 #: ops whose result depends on a tensor's shape, dtype and device only, never its values
 _VALUE_FREE_FUNCTIONS = {torch.zeros_like, torch.ones_like, torch.full_like, torch.empty_like}
 _VALUE_FREE_METHODS = {"new_zeros", "new_ones", "new_full", "new_empty"}
+
+
+def invariant_shift(x, dim: int):
+    """A constant shift for a shift-invariant function (softmax): the clean maximum over ``dim``.
+    The engine treats it as a constant of the bound computation: the function's value is the same
+    for every shift, so the bounds hold for every point of the set (see ops/softmax.py)."""
+    return x.detach().amax(dim, keepdim=True)
+
+
+def is_set_constant(node: "BoundNode") -> bool:
+    """Whether a node reading a perturbed tensor is a constant of the bound computation: a shape
+    query, or an `invariant_shift` (computed from the clean values)."""
+    return is_shape_query(node) or (node.kind == "call_function" and node.fx_node.target is invariant_shift)
 
 
 def is_shape_query(node: "BoundNode") -> bool:
