@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from certtrain.bounds import PerturbationLpNorm
+from certtrain.bounds import PerturbationL0Norm, PerturbationLpNorm
 
 
 def tolerance(lb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
@@ -36,8 +36,55 @@ def project(x: torch.Tensor, x0: torch.Tensor, ptb: PerturbationLpNorm) -> torch
     return x
 
 
+def _l0_set(x0, ptb, xs, pick, values):
+    """Points of an L0 set: x0 with the coordinates ``pick`` (n, B, k) replaced by ``values``."""
+    flat = xs.flatten(2).clone()
+    return flat.scatter(-1, pick, values).view_as(xs)
+
+
+def _l0_random(x0, ptb, n, corners):
+    xs = x0.unsqueeze(0).expand(n, *x0.shape)
+    lo, hi = (t.unsqueeze(0).expand_as(xs).flatten(2) for t in ptb.interval(x0)) if ptb.eps else (None, None)
+    m = xs[0, 0].numel()
+    k = min(ptb.eps, m)
+    if k == 0:
+        return xs.clone()
+    pick = torch.rand(n, x0.shape[0], m).argsort(-1)[..., :k]
+    u = (torch.rand(pick.shape) > 0.5).to(x0.dtype) if corners else torch.rand(pick.shape, dtype=x0.dtype)
+    l_, h_ = lo.gather(-1, pick), hi.gather(-1, pick)
+    return _l0_set(x0, ptb, xs, pick, l_ + u * (h_ - l_))
+
+
+def _l0_attack(model, x0, ptb, C, steps, n_out, sign, which):
+    """Greedy first-order attack on an L0 set: move the k coordinates with the largest linearized
+    gain to the better end of their domain, from the last point's gradient."""
+    x = _l0_random(x0, ptb, 2 * n_out, corners=True)
+    if ptb.eps == 0:
+        return x
+    lo, hi = (t.unsqueeze(0).expand_as(x).flatten(2) for t in ptb.interval(x0))
+    base = x0.unsqueeze(0).expand_as(x).flatten(2)
+    k = min(ptb.eps, base.shape[-1])
+    for _ in range(steps):
+        x.requires_grad_(True)
+        y = model(x.flatten(0, 1)).flatten(1).view(2 * n_out, x0.shape[0], -1)
+        if C is not None:
+            y = torch.einsum("bsn,kbn->kbs", C, y)
+        obj = (y[torch.arange(2 * n_out), :, which] * sign[:, None]).sum()
+        (g,) = torch.autograd.grad(obj, x)
+        with torch.no_grad():
+            g = g.flatten(2)
+            gu, gl = g * (hi - base), g * (lo - base)
+            gain, to_hi = torch.maximum(gu, gl), gu >= gl
+            pick = gain.topk(k, dim=-1).indices
+            vals = torch.where(to_hi, hi, lo).gather(-1, pick)
+            x = base.clone().scatter(-1, pick, vals).view_as(x)
+    return x.detach()
+
+
 def random_points(x0, ptb, n: int, corners: bool) -> torch.Tensor:
     """n points of the set per example: (n, B, *shape)."""
+    if isinstance(ptb, PerturbationL0Norm):
+        return _l0_random(x0, ptb, n, corners)
     xs = x0.unsqueeze(0).expand(n, *x0.shape)
     if ptb.norm == math.inf:
         lo, hi = ptb.interval(x0)
@@ -72,7 +119,11 @@ def pgd_extremes(model, x0, ptb, C=None, steps: int = 25, return_points: bool = 
     n_out = y0.shape[1]
     sign = torch.cat([torch.ones(n_out), -torch.ones(n_out)]).to(x0.dtype)
     which = torch.cat([torch.arange(n_out), torch.arange(n_out)])
-    x = random_points(x0, ptb, 2 * n_out, corners=False).clone()
+    if isinstance(ptb, PerturbationL0Norm):
+        x = _l0_attack(model, x0, ptb, C, steps, n_out, sign, which)
+        steps = 0
+    else:
+        x = random_points(x0, ptb, 2 * n_out, corners=False).clone()
     eps = float(torch.as_tensor(ptb.eps).max())
     for t in range(steps):
         x.requires_grad_(True)

@@ -13,11 +13,11 @@ from .methods import (CHEAP_METHODS, METHOD_NAMES, AlphaCROWN, BoundMethod, CROW
                       check_alpha_opts, resolve_method)
 from .ops import OPS, BoundOp, LinearOp, UnsupportedOperation, Value, register_op
 from .patches import Patches
-from .perturbations import Perturbation, PerturbationLpNorm
+from .perturbations import Perturbation, PerturbationL0Norm, PerturbationLpNorm
 from .state import BoundState
 from .tensor import BoundedTensor
 
-__all__ = ["BoundedModule", "BoundedTensor", "BoundState", "BoundNode", "Perturbation", "PerturbationLpNorm",
+__all__ = ["BoundedModule", "BoundedTensor", "BoundState", "BoundNode", "Perturbation", "PerturbationLpNorm", "PerturbationL0Norm",
            "Patches", "BoundOp", "LinearOp", "Value", "OPS", "register_op", "UnsupportedOperation",
            "TraceError", "DEFAULT_OPTS", "check_bound_opts", "BoundMethod", "IBP", "CROWNIBP", "CROWN",
            "AlphaCROWN", "METHOD_NAMES", "CHEAP_METHODS", "resolve_method", "check_alpha_opts"]

@@ -257,7 +257,7 @@ class BoundedModule(nn.Module):
             elif n.kind != "get_attr":
                 v.perturbed = _carries_tensor(v.value) and any(values[i].perturbed for i in n.inputs) \
                     and not is_set_constant(n)
-            v.lower = v.upper = v.ball = None
+            v.lower = v.upper = v.image = None
         return values
 
     @staticmethod
@@ -363,10 +363,10 @@ class BoundedModule(nn.Module):
         v = state.values[n.name]
         if n.kind == "placeholder":
             ptb = state.ptbs[n.name]
-            v.ball = ptb.ball(v.value)
+            v.image = ptb.image(v.value)
             return ptb.interval(v.value)
         args, kwargs = self._args(n, state.values, raw=False)
-        v.ball = n.op.ibp_ball(*args, **kwargs)
+        v.image = n.op.ibp_image(*args, **kwargs)
         return n.op.ibp(*args, **kwargs)
 
     def interval_pass(self, state: BoundState, refine: bool = False, alphas: Optional[dict] = None) -> None:

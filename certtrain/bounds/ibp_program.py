@@ -13,7 +13,7 @@ into one kernel.
 **Why the clean pass can go.**  Which nodes are perturbed depends only on which inputs are (a node
 is perturbed iff it has a bound rule and a perturbed input: the rules were attached at
 construction to exactly the tensor-valued nodes that depend on an input), and the only thing
-the rules read from a perturbed input's clean value in ``ibp``/``ibp_ball``/``ibp_spec`` is its
+the rules read from a perturbed input's clean value in ``ibp``/``ibp_image``/``ibp_spec`` is its
 shape, dtype and device, except BatchNorm with batch statistics (training mode, or no running
 statistics), whose affine map *is* a function of the clean batch.  Each rule declares this next
 to its IBP (``BoundOp.ibp_operands``, ``BoundOp.ibp_reads_batch``); a rule that does not (a
@@ -84,19 +84,19 @@ IBP_PROGRAM_OPTS: dict[str, Any] = {
 # ------------------------------------------------------------------------------------- helpers
 # The generated program calls only these (and the rules): dynamo traces them inline.
 
-def _box(name: str, x: Tensor, box, ball) -> Value:
-    """A perturbed input: its interval and ball, as `BoundedModule._ibp_node` sets them."""
+def _box(name: str, x: Tensor, box, image) -> Value:
+    """A perturbed input: its interval and set image, as `BoundedModule._ibp_node` sets them."""
     v = Value(name, x, True)
-    v.ball = ball
+    v.image = image
     v.set_interval(box)
     return v
 
 
 def _ibp(op, name: str, args: tuple, kwargs: dict, clean: dict, nan: Tensor) -> Value:
-    """One perturbed node: ball then interval (the reference order); its clean value is the
+    """One perturbed node: set image then interval (the reference order); its clean value is the
     supplied one where a BatchNorm needs it, else a NaN stand-in of the right shape and dtype."""
     v = Value(name, None, True)
-    v.ball = op.ibp_ball(*args, **kwargs)
+    v.image = op.ibp_image(*args, **kwargs)
     interval = op.ibp(*args, **kwargs)
     v.set_interval(interval)
     first = interval[0]
@@ -175,7 +175,7 @@ class _Program:
             body.append(line)
             if i in dels:
                 body.append("del " + ", ".join(dels[i]))
-        self.source = (f"def ibp_program(inputs, boxes, balls, clean, C, nan):\n"
+        self.source = (f"def ibp_program(inputs, boxes, images, clean, C, nan):\n"
                        f"    # IBP of {type(net.model).__name__} ({len(ops)} bound rules), perturbed inputs "
                        f"{list(perturbed)}\n" + "".join(f"    {line}\n" for line in body))
         self._globals = {"_K": consts, "_OP": ops, "_GM": net.graph_module, "_Value": Value, "_box": _box,
@@ -225,7 +225,7 @@ class _Program:
             if n.kind == "placeholder":
                 i, n_inputs = n_inputs, n_inputs + 1
                 p = pert[n.name] = perturbed[i]
-                lines.append(f"{v} = _box({n.name!r}, inputs[{i}], boxes[{i}], balls[{i}])" if p else
+                lines.append(f"{v} = _box({n.name!r}, inputs[{i}], boxes[{i}], images[{i}])" if p else
                              f"{v} = _Value({n.name!r}, inputs[{i}], False)")
                 continue
             if n.kind == "get_attr":
@@ -435,7 +435,7 @@ def ibp_program_bounds(net: "BoundedModule", inputs: list[Tensor], ptbs: list[Op
         net.drop_forward_cache()  # a cached forward serves one compute_bounds call, as in the reference
         clean = {}
     boxes = [p.interval(x) if p is not None else None for x, p in zip(inputs, ptbs)]
-    balls = [p.ball(x) if p is not None else None for x, p in zip(inputs, ptbs)]
+    images = [p.image(x) if p is not None else None for x, p in zip(inputs, ptbs)]
     if channels_last:
         boxes = [tuple(t.contiguous(memory_format=torch.channels_last) for t in b)
                  if b is not None and b[0].dim() == 4 else b for b in boxes]
@@ -445,7 +445,7 @@ def ibp_program_bounds(net: "BoundedModule", inputs: list[Tensor], ptbs: list[Op
         nan = state.nan[key_nan] = torch.full((), math.nan, dtype=ref.dtype, device=ref.device)
     cast = autocast is not None and torch.is_grad_enabled() and net.model.training
     ctx = torch.autocast(ref.device.type, dtype=autocast) if cast else contextlib.nullcontext()
-    call = (inputs, boxes, balls, clean, C, nan)
+    call = (inputs, boxes, images, clean, C, nan)
     with ctx:
         if compile_kw is not None and not state.compile_failed:
             lb, ub, kept = _run_compiled(net, state, prog, compile_kw, call, mask, cast, channels_last)

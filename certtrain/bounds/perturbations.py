@@ -1,11 +1,14 @@
 """Perturbation sets around an input.
 
-The graph walk needs only two things from a perturbation (Xu et al. 2020, Sec. 3.1), so new sets
+The graph walk needs only these from a perturbation (Xu et al. 2020, Sec. 3.1), so new sets
 (L0 budgets, synonym substitutions, weight balls) plug in without touching it:
 
 * ``interval(x0)``: a box [lower, upper] that contains the set, where IBP starts;
 * ``concretize(x0, A, sign)``: the exact minimum (sign=-1) or maximum (sign=+1) over the set of
-  the linear functions ``A x`` (one per row of A), where CROWN ends.
+  the linear functions ``A x`` (one per row of A), where CROWN ends;
+* ``image(x0)`` (optional): the set itself as it travels to the first Linear / Conv, which then
+  bounds ``W x + b`` over the set exactly instead of over the box (`certtrain.bounds.set_image`);
+  any auxiliary data the set needs rides in it.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from .patches import LinearA, a_dot, a_flat, a_map
+from .patches import LinearA, a_dot, a_flat, a_map, to_dense
+from .set_image import L0Image, LpImage, SetImage
 
 Number = Union[float, int]
 
@@ -32,8 +36,8 @@ class Perturbation:
     def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
         raise NotImplementedError
 
-    def ball(self, x0: Tensor) -> Optional[tuple]:
-        """(centre, eps, dual norm q) when the set is an Lp ball that IBP should keep whole."""
+    def image(self, x0: Tensor) -> Optional[SetImage]:
+        """The set for the first Linear / Conv to bound exactly (None: the box is all IBP uses)."""
         return None
 
     def validate(self, x0: Tensor) -> None:
@@ -117,13 +121,14 @@ class PerturbationLpNorm(Perturbation):
         eps = self._eps(x0)
         return eps.reshape(-1, 1) if eps.dim() else eps
 
-    def ball(self, x0: Tensor) -> Optional[tuple]:
-        """(x0, eps, q) with eps a scalar or one radius per example, shape (B,): consumers shape it
-        to their own node with `ball_radius` (never by implicit broadcasting)."""
+    def image(self, x0: Tensor) -> Optional[SetImage]:
+        """The L2/L1 ball, eps a scalar or one radius per example of shape (B,) (consumers shape
+        it to their own node with `ball_radius`, never by implicit broadcasting); L∞: None (the
+        box is the set)."""
         if self.norm == math.inf:
             return None
         eps = self._eps(x0)
-        return x0, (eps.reshape(-1) if eps.dim() else eps), self.dual_norm
+        return LpImage(x0, (eps.reshape(-1) if eps.dim() else eps), self.dual_norm)
 
     def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
         if self.norm == math.inf:
@@ -132,3 +137,58 @@ class PerturbationLpNorm(Perturbation):
             return a_dot(A, center) + sign * a_dot(a_map(A, torch.abs), radius)
         norm = a_flat(A).norm(p=self.dual_norm, dim=-1)
         return a_dot(A, x0) + sign * self._row_eps(x0) * norm
+
+
+class PerturbationL0Norm(Perturbation):
+    """At most ``eps`` (an integer k) coordinates of each example changed, each to any value in its
+    domain [x_L, x_U] (default [0, 1], the pixel range; give the data's own range otherwise).
+
+    IBP: the box is the whole domain, but the first Linear / Conv is bounded over the set itself
+    (each output row: its k largest gains, `set_image.L0Image`); CROWN's concretization is exact
+    (the k most negative terms of min(A_j (x_L - x0_j), A_j (x_U - x0_j)))."""
+
+    def __init__(self, eps: int = 1, x_L: Union[Number, Tensor] = 0.0, x_U: Union[Number, Tensor] = 1.0):
+        if isinstance(eps, bool) or not float(eps).is_integer() or eps < 0:
+            raise ValueError(f"PerturbationL0Norm: eps is a number of coordinates, an integer >= 0; got {eps!r}")
+        self.eps, self.x_L, self.x_U = int(eps), x_L, x_U
+        self.norm = 0.0
+
+    def __repr__(self) -> str:
+        return f"PerturbationL0Norm(eps={self.eps})"
+
+    def validate(self, x0: Tensor) -> None:
+        lo, hi = self._domain(x0)
+        if torch.isnan(lo).any() or torch.isnan(hi).any():
+            raise ValueError("PerturbationL0Norm: x_L / x_U contain NaN")
+        if (lo > hi).any():
+            raise ValueError("PerturbationL0Norm: x_L > x_U somewhere: the domain is empty")
+        if (x0 < lo).any() or (x0 > hi).any():
+            raise ValueError("PerturbationL0Norm: the clean input lies outside [x_L, x_U]; give the data's "
+                             "own range (e.g. x_L=x.min(), x_U=x.max() after normalization)")
+
+    def _domain(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        return (_as_tensor(self.x_L, x0).expand_as(x0), _as_tensor(self.x_U, x0).expand_as(x0))
+
+    def interval(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        if self.eps == 0:
+            return x0, x0
+        return self._domain(x0)
+
+    def image(self, x0: Tensor) -> Optional[SetImage]:
+        lo, hi = self._domain(x0)
+        return L0Image(x0, lo, hi, self.eps)
+
+    def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
+        A = to_dense(A)
+        B, N = A.shape[:2]
+        a = A.reshape(B, N, -1)
+        lo, hi = self._domain(x0)
+        x = x0.reshape(B, 1, -1)
+        up, dn = hi.reshape(B, 1, -1) - x, lo.reshape(B, 1, -1) - x
+        base = (a * x).sum(-1)
+        k = min(self.eps, a.shape[-1])
+        if k == 0:
+            return base
+        if sign > 0:  # the k largest increases
+            return base + torch.maximum(a * up, a * dn).topk(k, dim=-1).values.sum(-1)
+        return base - (-torch.minimum(a * up, a * dn)).topk(k, dim=-1).values.sum(-1)

@@ -30,14 +30,15 @@ class Value:
     """A graph node's state in one bound computation: its clean value and, if it depends on a
     perturbed input, its interval bounds (kept as lower/upper or centre/radius, converted lazily)."""
 
-    __slots__ = ("name", "value", "perturbed", "_lower", "_upper", "_center", "_radius", "ball")
+    __slots__ = ("name", "value", "perturbed", "_lower", "_upper", "_center", "_radius", "image")
 
     def __init__(self, name: str, value: Any, perturbed: bool = False):
         self.name, self.value, self.perturbed = name, value, perturbed
         self._lower = self._upper = self._center = self._radius = None
-        # An Lp ball (centre, eps, q) that contains the node's values, kept through ops that map
-        # balls to balls so that the next linear layer can use the dual norm (auto_LiRPA's IBP).
-        self.ball: Optional[tuple] = None
+        # The perturbation set as it reaches this node (`certtrain.bounds.set_image`), kept through
+        # ops that keep its form so that the next Linear / Conv bounds it exactly (e.g. the dual norm
+        # of an Lp ball, auto_LiRPA's IBP); None: the interval is all there is.
+        self.image = None
 
     @property
     def lower(self) -> Optional[Tensor]:
@@ -123,7 +124,7 @@ class BoundOp:
     alpha_range: ClassVar[Optional[tuple[float, float]]] = None
     #: For the IBP program (`certtrain.bounds.ibp_program`): where perturbed values may appear —
     #: "unary" (argument 0), "binary" (arguments 0 and 1) or "list" (the tensors of argument 0) —
-    #: given that ``ibp``/``ibp_ball``/``ibp_spec`` read nothing of a perturbed input's clean value
+    #: given that ``ibp``/``ibp_image``/``ibp_spec`` read nothing of a perturbed input's clean value
     #: but its shape, dtype and device (`ibp_reads_batch` says when they do).  None: not declared,
     #: the program does not serve graphs with this op (the reference path does, always right).
     ibp_operands: ClassVar[Optional[str]] = None
@@ -134,8 +135,9 @@ class BoundOp:
     def ibp(self, *args, **kwargs) -> Interval:
         raise NotImplementedError
 
-    def ibp_ball(self, *args, **kwargs) -> Optional[tuple]:
-        """For ops that map an Lp ball on their input to a ball on their output: that ball."""
+    def ibp_image(self, *args, **kwargs):
+        """For ops that keep the perturbation set's form (`certtrain.bounds.set_image`): the set's
+        image at the output, else None."""
         return None
 
     def apply(self, first: Tensor, *args, **kwargs) -> Tensor:

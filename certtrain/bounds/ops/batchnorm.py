@@ -55,13 +55,12 @@ class BoundBatchNorm(LinearOp):
         s, t = self._bcast(scale, c.dim()), self._bcast(shift, c.dim())
         return CenterRadius(c * s + t, r * s.abs())
 
-    def ibp_ball(self, x):
-        if x.ball is None:
+    def ibp_image(self, x):
+        if x.image is None:
             return None
         scale, shift = self.affine(x)
-        c0, eps, q = x.ball
-        # ||s * d||_p <= max|s| * ||d||_p: the image of a ball is inside a ball.
-        return c0 * self._bcast(scale, c0.dim()) + self._bcast(shift, c0.dim()), eps * scale.abs().max(), q
+        nd = x.value.dim()
+        return x.image.affine(self._bcast(scale, nd), self._bcast(shift, nd))
 
     def backward_one(self, A, x, *args, **kwargs):
         scale, shift = self.affine(x)

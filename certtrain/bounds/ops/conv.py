@@ -95,13 +95,11 @@ class BoundConv2d(LinearOp):
 
     def ibp(self, x, *args):
         w, b, s, p, d, g = self.params((x, *args))
-        if x.ball is not None:
-            # Dual norm of each whole filter: an upper bound of the norm of its part inside the
-            # padded input, as in auto_LiRPA's IBP for Lp balls.
-            c0, eps, q = x.ball
-            c = F.conv2d(c0, w, b, s, p, d, g)
-            r = ball_radius(eps, 4) * w.flatten(1).norm(p=q, dim=1).view(1, -1, 1, 1)
-            return c - r, c + r
+        if x.image is not None:  # the set itself (e.g. the dual norm of each filter), not its box
+            out = x.image.conv(lambda t, w_, b_: F.conv2d(t, w_, b_, s, p, d, g), w, b,
+                               lambda t: F.unfold(t, w.shape[-2:], dilation=d, padding=p, stride=s) if g == 1 else None)
+            if out is not None:
+                return out
         c, r, f = x.scaled_center_radius()
         if f != 1.0:  # centre = f·c, radius = f·r: fold f into the weights (exact for f = 0.5)
             return CenterRadius(F.conv2d(c, w * f, b, s, p, d, g), F.conv2d(r, w.abs() * f, None, s, p, d, g))

@@ -52,11 +52,12 @@ class BoundConv1d(LinearOp):
 
     def ibp(self, x, *args):
         w, b, s, p, d, g = self.params((x, *args))
-        if x.ball is not None:  # dual norm of each whole filter (as Conv2d)
-            c0, eps, q = x.ball
-            c = F.conv1d(c0, w, b, s, p, d, g)
-            return c - ball_radius(eps, 3) * w.flatten(1).norm(p=q, dim=1).view(1, -1, 1), \
-                c + ball_radius(eps, 3) * w.flatten(1).norm(p=q, dim=1).view(1, -1, 1)
+        if x.image is not None:  # the set itself (e.g. the dual norm of each filter), not its box
+            out = x.image.conv(lambda t, w_, b_: F.conv1d(t, w_, b_, s, p, d, g), w, b,
+                               lambda t: F.unfold(t.unsqueeze(-2), (1, w.shape[-1]), dilation=(1, d),
+                                                  padding=(0, p), stride=(1, s)) if g == 1 else None)
+            if out is not None:
+                return out
         c, r, f = x.scaled_center_radius()
         w = w * f if f != 1.0 else w
         return CenterRadius(F.conv1d(c, w, b, s, p, d, g), F.conv1d(r, w.abs(), None, s, p, d, g))

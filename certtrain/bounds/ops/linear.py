@@ -24,13 +24,10 @@ class BoundLinear(LinearOp):
 
     def ibp(self, x, *args):
         w, b = self.params((x, *args))
-        if x.ball is not None:
-            # Dual norm over an Lp ball: W x0 + b +- eps * ||W_i||_q.
-            c, eps, q = x.ball
-            c = F.linear(c, w, b)
-            # ||x_i - x0_i||_p <= ||x - x0||_p for every slice x_i that one output row reads.
-            r = ball_radius(eps, c.dim()) * w.norm(p=q, dim=1)
-            return c - r, c + r
+        if x.image is not None:  # the set itself (e.g. the dual norm of an Lp ball), not its box
+            out = x.image.linear(w, b)
+            if out is not None:
+                return out
         # Centre/radius form: W c + b +- |W| r (Gowal et al. 2018, eq. 6); centre = f·c, radius =
         # f·r with f folded into the weights (exact for f = 0.5).
         c, r, f = x.scaled_center_radius()
@@ -47,11 +44,10 @@ class BoundLinear(LinearOp):
             return None
         w2 = torch.matmul(C, w)  # (B, S, in)
         b2 = torch.matmul(C, b) if b is not None else 0
-        if x.ball is not None:
-            c0, eps, q = x.ball
-            c = torch.bmm(w2, c0.unsqueeze(-1)).squeeze(-1) + b2
-            r = ball_radius(eps, 2) * w2.norm(p=q, dim=-1)
-            return c - r, c + r
+        if x.image is not None:
+            out = x.image.linear(w2, b2 if b is not None else None)
+            if out is not None:
+                return out
         c, r = x.center_radius
         c = torch.bmm(w2, c.unsqueeze(-1)).squeeze(-1) + b2
         r = torch.bmm(w2.abs(), r.unsqueeze(-1)).squeeze(-1)

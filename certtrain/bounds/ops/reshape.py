@@ -31,11 +31,10 @@ class BoundReshape(LinearOp):
         self._check(x, lo.shape)
         return lo, up
 
-    def ibp_ball(self, x, *args, **kwargs):
-        if x.ball is None:
+    def ibp_image(self, x, *args, **kwargs):
+        if x.image is None:
             return None
-        c0, eps, q = x.ball
-        return self.apply(c0, *args, **kwargs), eps, q
+        return x.image.map(lambda t: self.apply(t, *args, **kwargs))
 
     def backward_one(self, A, x, *args, **kwargs):
         return [(x, A.reshape(*A.shape[:2], *x.value.shape[1:]))], 0
