@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..patches import LinearA, Patches
-from .base import CenterRadius, LinearOp, ball_radius, const
+from .base import CenterRadius, LinearOp, const
 from .registry import UnsupportedOperation, register_op
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..patches import to_dense
-from .base import CenterRadius, LinearOp, ball_radius, const
+from .base import CenterRadius, LinearOp, const
 from .registry import UnsupportedOperation, register_op
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CenterRadius, LinearOp, ball_radius, const
+from .base import CenterRadius, LinearOp, const
 from .registry import register_op
 
 
