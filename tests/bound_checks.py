@@ -213,3 +213,83 @@ def rounding_scale(model, x0) -> float:
                 mags.append(float((m.running_mean * scale).abs().max()))
         Record(fx.symbolic_trace(model)).run(x0)
     return max(mags)
+
+
+def _project_param(w, w0, ptb):
+    if ptb.norm == math.inf:
+        return torch.maximum(torch.minimum(w, w0 + ptb.eps), w0 - ptb.eps)
+    d = w - w0
+    n = d.norm(p=ptb.norm).clamp(min=1e-30)
+    return w0 + d * torch.clamp(ptb.eps / n, max=1.0) * (1 - 4 * torch.finfo(w.dtype).eps)
+
+
+def _random_param(w0, ptb, corner: bool):
+    d = torch.randn_like(w0)
+    if ptb.norm == math.inf:
+        return w0 + (d.sign() if corner else torch.rand_like(w0) * 2 - 1) * ptb.eps
+    d = d.sign() * torch.distributions.Exponential(1.0).sample(d.shape).to(w0.dtype) if ptb.norm == 1 else d
+    return w0 + d / d.norm(p=ptb.norm) * ptb.eps * (1.0 if corner else float(torch.rand(())))
+
+
+def weight_extremes(model, x0, x_ptb=None, n_random: int = 50, pgd_steps: int = 30):
+    """Outputs (k, B, n_out) of the model at sampled and attacked parameter values of its
+    BoundedParameters (random, corners, and PGD per output and direction on the parameters — and
+    on the input too when ``x_ptb`` is given); every example's attack is its own."""
+    from torch.func import functional_call
+    from certtrain.bounds.tensor import BoundedParameter
+    params = {k: (p.detach(), p.ptb) for k, p in model.named_parameters()
+              if isinstance(p, BoundedParameter) and p.ptb is not None}
+    B = x0.shape[0]
+
+    def run(ps, x):  # ps: {name: (B, *shape)}, x: (B, ...): example b with its own parameters
+        def one(p1, x1):
+            return functional_call(model, p1, (x1[None],))[0].flatten()
+        return torch.func.vmap(one)(ps, x)
+
+    outs = []
+    with torch.no_grad():
+        for i in range(n_random):
+            ps = {k: torch.stack([_random_param(w0, ptb, i % 2 == 0) for _ in range(B)]) for k, (w0, ptb) in params.items()}
+            x = random_points(x0, x_ptb, 1, i % 2 == 0)[0] if x_ptb is not None else x0
+            outs.append(run(ps, x))
+        n_out = outs[0].shape[1]
+    for j in range(n_out):
+        for sign in (1.0, -1.0):
+            ps = {k: w0.expand(B, *w0.shape).clone() for k, (w0, _) in params.items()}
+            x = x0.clone()
+            for t in range(pgd_steps):
+                for v in list(ps.values()) + [x]:
+                    v.requires_grad_(True)
+                obj = (run(ps, x)[:, j] * sign).sum()
+                grads = torch.autograd.grad(obj, list(ps.values()) + [x])
+                frac = 0.5 if t < pgd_steps // 2 else 0.1
+                with torch.no_grad():
+                    for (k, (w0, ptb)), g in zip(params.items(), grads):
+                        if ptb.norm == math.inf:
+                            step = g.sign() * ptb.eps * frac
+                        else:
+                            step = g / g.flatten(1).norm(dim=1).clamp(min=1e-30).view(-1, *[1] * w0.dim()) * ptb.eps * frac
+                        ps[k] = torch.stack([_project_param(ps[k][b] + step[b], w0, ptb) for b in range(B)])
+                    if x_ptb is not None:
+                        g = grads[-1]
+                        if x_ptb.norm == math.inf:
+                            x = x + g.sign() * float(torch.as_tensor(x_ptb.eps).max()) * frac
+                        else:
+                            x = x + g / g.flatten(1).norm(dim=1).clamp(min=1e-30).view(-1, *[1] * (x0.dim() - 1)) * \
+                                float(torch.as_tensor(x_ptb.eps).max()) * frac
+                        x = project(x, x0, x_ptb)
+                    else:
+                        x = x0
+            with torch.no_grad():
+                outs.append(run(ps, x))
+    return torch.stack(outs)
+
+
+def assert_sound_weights(model, x0, lb, ub, x_ptb=None, n_random: int = 50, pgd_steps: int = 30):
+    """`assert_sound` for perturbed parameters (and optionally the input)."""
+    y = weight_extremes(model, x0, x_ptb, n_random, pgd_steps)
+    tol = tolerance(lb, ub)
+    below = (lb - tol - y).max().item()
+    above = (y - ub - tol).max().item()
+    assert below <= 0 and above <= 0, f"bound violated by parameter points: lower by {below:.3g}, upper by {above:.3g}"
+    return y

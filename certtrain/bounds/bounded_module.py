@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from .alpha_crown import optimized_bounds
-from .decompose import decompose
+from .decompose import decompose, lift_parameters
 from .functionalize import call_module_safely
 from .graph import BoundNode, attach_op, build_nodes, fetch_attr, is_set_constant, trace
 from .ibp_program import IBP_PROGRAM_OPTS, check_ibp_program_opts, ibp_program_bounds
@@ -120,6 +120,10 @@ class BoundedModule(nn.Module):
         self.bound_opts = check_bound_opts(bound_opts)
         example = self._as_inputs(global_input)
         gm = decompose(trace(model), example)  # ops without a rule of their own, rewritten (decompose.py)
+        # BoundedParameters become graph inputs after the model's own, fed by `_with_parameters`
+        self._lifted: list[tuple[str, str]] = lift_parameters(gm)
+        self._n_inputs = len(example)
+        example = self._with_parameters(example, gm)
         object.__setattr__(self, "_gm", gm)  # shares the user's submodules; not a child module
         self._nodes: list[BoundNode] = build_nodes(gm)
         self._by_name = {n.name: n for n in self._nodes}
@@ -183,8 +187,28 @@ class BoundedModule(nn.Module):
 
     @property
     def input_names(self) -> list[str]:
-        """Names of the graph's input nodes, in the order of the model's arguments."""
+        """Names of the graph's input nodes: the model's arguments in order, then one per
+        `BoundedParameter` (`parameter_inputs`)."""
         return [n.name for n in self._placeholders]
+
+    @property
+    def parameter_inputs(self) -> dict[str, str]:
+        """{graph input name: parameter name} of the perturbed parameters (`BoundedParameter`)."""
+        return dict(self._lifted)
+
+    def _with_parameters(self, xs: list, gm: Optional[fx.GraphModule] = None) -> list:
+        """The model's inputs followed by one copy per example of each perturbed parameter
+        (a BoundedTensor with the parameter's current ``ptb``)."""
+        if not self._lifted or len(xs) != self._n_inputs:
+            return list(xs)
+        gm = self._gm if gm is None else gm
+        batch = xs[0].shape[0]
+        out = list(xs)
+        for _, target in self._lifted:
+            p = fetch_attr(gm, target)
+            v = p.expand(batch, *p.shape)
+            out.append(BoundedTensor(v, p.ptb) if getattr(p, "ptb", None) is not None else v)
+        return out
 
     @property
     def final_name(self) -> str:
@@ -224,6 +248,7 @@ class BoundedModule(nn.Module):
         ``compute_bounds`` on the same inputs (and unchanged parameters) reuses this forward pass
         instead of running the model again (certified training needs both)."""
         inputs = [t.as_subclass(Tensor) if isinstance(t, BoundedTensor) else t for t in x]
+        inputs = [t.as_subclass(Tensor) if isinstance(t, BoundedTensor) else t for t in self._with_parameters(inputs)]
         if len(inputs) != len(self._placeholders):
             return self.model(*inputs)
         values = self._run(inputs, [True] * len(inputs))
@@ -304,8 +329,9 @@ class BoundedModule(nn.Module):
         """(plain tensors, perturbations) of ``x`` (tensors / BoundedTensors), checked: count,
         shape, finiteness, dtype, and each perturbation's own settings."""
         xs = self._as_inputs(x)
-        if len(xs) != len(self._placeholders):
-            raise ValueError(f"the model takes {len(self._placeholders)} input(s), got {len(xs)}")
+        if len(xs) != self._n_inputs:
+            raise ValueError(f"the model takes {self._n_inputs} input(s), got {len(xs)}")
+        xs = self._with_parameters(xs)
         plain, ptbs = [], []
         params = next(iter(self.model.parameters()), None)
         for i, t in enumerate(xs):

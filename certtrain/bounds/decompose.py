@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import torch.nn.functional as F
 
-from .graph import TraceError, invariant_shift
+from .graph import TraceError, fetch_attr, invariant_shift, per_example
 from .ops.softmax import softmax_guard
 
 _SPLITS = {torch.split: "split", torch.chunk: "chunk", torch.unbind: "unbind", torch.tensor_split: "tensor_split",
@@ -212,6 +212,40 @@ def _rewrite_division(gm: fx.GraphModule) -> bool:
         gm.graph.erase_node(node)
         changed = True
     return changed
+
+
+def lift_parameters(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """Turn every ``per_example(p)`` of a `BoundedParameter` p into a graph input (after the
+    model's own), fed one copy of p per example: [(input name, parameter name)], in input order."""
+    from .tensor import BoundedParameter
+    lifted: list[tuple[str, str]] = []
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or not isinstance(fetch_attr(gm, node.target), BoundedParameter):
+            continue
+        users = list(node.users)
+        for u in users:
+            if not (u.op == "call_function" and u.target is per_example):
+                raise TraceError(f"the BoundedParameter '{node.target}' is used by graph node '{u.name}' "
+                                 f"({u.target}); only the parameters of nn.Linear, nn.Conv2d and BatchNorm "
+                                 "layers can be perturbed")
+        done = {t for _, t in lifted}
+        if node.target in done:  # another get_attr of the same parameter: its input serves
+            ph = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == dict((t, n_) for n_, t in lifted)[node.target])
+        else:
+            with gm.graph.inserting_after(last):
+                ph = gm.graph.placeholder("param_" + node.target.replace(".", "_"))
+            ph.meta = {}
+            last = ph
+            lifted.append((ph.name, node.target))
+        for u in users:  # one input per parameter, whichever layers read it (one set)
+            u.replace_all_uses_with(ph)
+            gm.graph.erase_node(u)
+        gm.graph.erase_node(node)
+    if lifted:
+        gm.graph.lint()
+        gm.recompile()
+    return lifted
 
 
 def decompose(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> fx.GraphModule:

@@ -34,8 +34,8 @@ class _Tracer(fx.Tracer):
         self.record_stack_traces = True
 
     def call_module(self, m, forward, args, kwargs):
-        from .substitutes import MODULES
-        sub = MODULES.get(type(m))
+        from .substitutes import MODULES, with_bounded_parameters
+        sub = with_bounded_parameters(m) or MODULES.get(type(m))
         if sub is not None:
             return sub(m, *args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
@@ -87,6 +87,13 @@ def invariant_shift(x, dim: int):
     The engine treats it as a constant of the bound computation: the function's value is the same
     for every shift, so the bounds hold for every point of the set (see ops/softmax.py)."""
     return x.detach().amax(dim, keepdim=True)
+
+
+def per_example(p):
+    """A parameter as a graph value with a leading batch dimension of 1; where the parameter is a
+    `BoundedParameter`, the engine turns this node into an input of one copy per example (each
+    example's bound then holds for every parameter in the set)."""
+    return p.unsqueeze(0)
 
 
 def is_set_constant(node: "BoundNode") -> bool:

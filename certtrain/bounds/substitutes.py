@@ -7,7 +7,7 @@ layer's output (tests compare them on random inputs).
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -99,3 +99,69 @@ MODULES: dict[type, Callable] = {
     nn.GRU: _rnn_refused,
     nn.RNN: _rnn_refused,
 }
+
+
+# ----------------------------------------------------------------- perturbed parameters
+def _param(m: nn.Module, name: str):
+    """Parameter ``name`` of m as a `graph.per_example` node (batch dim 1), or None."""
+    from .graph import per_example
+    p = getattr(m, name)
+    if p is None:
+        return None
+    return p.tracer.create_proxy("call_function", per_example, (p,), {})
+
+
+def _linear_p(m: nn.Linear, x):
+    w = _param(m, "weight")                                          # (1, out, in)
+    y = torch.matmul(w, x.unsqueeze(-1)).squeeze(-1)                 # (B, out): x must be (B, in)
+    b = _param(m, "bias")
+    return y + b if b is not None else y
+
+
+def _conv2d_p(m: nn.Conv2d, x):
+    if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+        raise TraceError("a BoundedParameter on nn.Conv2d needs groups=1, padding_mode='zeros' and "
+                         "numeric padding")
+    k, d, p, s = m.kernel_size, m.dilation, m.padding, m.stride
+    cols = F.unfold(x, k, d, p, s)                                   # (B, C·kh·kw, L)
+    y = torch.matmul(_param(m, "weight").flatten(2), cols)           # (B, O, L)
+    ho = (x.shape[2] + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (x.shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    y = y.reshape(x.shape[0], m.out_channels, ho, wo)
+    b = _param(m, "bias")
+    return y + b.unsqueeze(-1).unsqueeze(-1) if b is not None else y
+
+
+def _batch_norm_p(m: nn.modules.batchnorm._BatchNorm, x):
+    if m.training or not m.track_running_stats:
+        raise TraceError("a BoundedParameter on BatchNorm needs the layer in eval mode with running "
+                         "statistics (model.eval() before BoundedModule(...))")
+    two_d = isinstance(m, nn.BatchNorm2d)
+
+    def chan(t):  # (1, C) -> (1, C, 1, 1) for 2-d BN
+        return t.unsqueeze(-1).unsqueeze(-1) if two_d else t
+    mean = m.running_mean.view(1, -1, 1, 1) if two_d else m.running_mean.view(1, -1)
+    var = m.running_var.view(1, -1, 1, 1) if two_d else m.running_var.view(1, -1)
+    y = (x - mean) * torch.rsqrt(var + m.eps)
+    w, b = _param(m, "weight"), _param(m, "bias")
+    if w is not None:
+        y = y * chan(w)
+    if b is not None:
+        y = y + chan(b)
+    return y
+
+
+_PARAM_SUBSTITUTES: dict[type, Callable] = {nn.Linear: _linear_p, nn.Conv2d: _conv2d_p,
+                                            nn.BatchNorm1d: _batch_norm_p, nn.BatchNorm2d: _batch_norm_p}
+
+
+def with_bounded_parameters(m: nn.Module) -> Optional[Callable]:
+    """The substitute of a layer with a `BoundedParameter` of its own (None without one)."""
+    from .tensor import BoundedParameter
+    if not any(isinstance(p, BoundedParameter) for p in m.parameters(recurse=False)):
+        return None
+    sub = _PARAM_SUBSTITUTES.get(type(m))
+    if sub is None:
+        raise TraceError(f"a BoundedParameter on {type(m).__name__} has no bound rule: perturb the parameters "
+                         "of nn.Linear, nn.Conv2d or BatchNorm")
+    return sub

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .perturbations import Perturbation
 
@@ -37,3 +37,33 @@ class BoundedTensor(Tensor):
 
     def plain(self) -> Tensor:
         return self.as_subclass(Tensor)
+
+
+class BoundedParameter(nn.Parameter):
+    """A parameter that carries a perturbation set (auto_LiRPA's name): the bounds then hold for
+    every value of the parameter in the set, e.g. an Lp ball around the trained weight.
+
+        model.fc.weight = BoundedParameter(model.fc.weight.data, PerturbationLpNorm(norm=2, eps=0.01))
+        net = BoundedModule(model, x0)          # after the assignment: which parameters are perturbed
+                                                # is part of the traced graph
+    ``ptb`` is read at every ``compute_bounds`` (its eps may change; ``None``: not perturbed now).
+    Supported on the weight and bias of nn.Linear (on (batch, features) inputs) and nn.Conv2d
+    (groups=1), and the affine parameters of BatchNorm in eval mode."""
+
+    ptb: Optional[Perturbation]
+
+    def __new__(cls, data: Tensor, ptb: Optional[Perturbation] = None, requires_grad: bool = True):
+        t = super().__new__(cls, data, requires_grad)
+        t.ptb = ptb
+        return t
+
+    def __deepcopy__(self, memo):
+        out = BoundedParameter(self.data.clone(memory_format=torch.preserve_format), self.ptb, self.requires_grad)
+        memo[id(self)] = out
+        return out
+
+    def __repr__(self) -> str:
+        return f"BoundedParameter({self.data!r}, ptb={self.ptb!r})"
+
+    def __reduce_ex__(self, proto):  # pickles (checkpoints) as a plain parameter plus its set
+        return (BoundedParameter, (self.data, self.ptb, self.requires_grad))

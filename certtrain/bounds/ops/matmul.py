@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, fx
 
 from ..patches import to_dense
-from .base import BoundOp, CenterRadius, const, is_perturbed, unbroadcast
+from .base import BoundOp, CenterRadius, ball_radius, const, is_perturbed, unbroadcast
 from .registry import UnsupportedOperation, register_op
 
 
@@ -73,11 +73,13 @@ class BoundMatMul(BoundOp):
         if not is_perturbed(y):
             c, r = x.center_radius
             C = const(y)
-            return CenterRadius(torch.matmul(c, C), torch.matmul(r, C.abs()))
+            out = CenterRadius(torch.matmul(c, C), torch.matmul(r, C.abs()))
+            return self._with_ball(out, x, C, left=True)
         if not is_perturbed(x):
             c, r = y.center_radius
             C = const(x)
-            return CenterRadius(torch.matmul(C, c), torch.matmul(C.abs(), r))
+            out = CenterRadius(torch.matmul(C, c), torch.matmul(C.abs(), r))
+            return self._with_ball(out, y, C, left=False)
         xl, xu = x.bounds
         yl, yu = y.bounds
         n, k, m = xl.shape[-2], xl.shape[-1], yl.shape[-1]
@@ -87,11 +89,64 @@ class BoundMatMul(BoundOp):
             a, b = xl.unsqueeze(-1), xu.unsqueeze(-1)
             c, d = yl.unsqueeze(-3), yu.unsqueeze(-3)
             p = torch.stack(torch.broadcast_tensors(a * c, a * d, b * c, b * d))
-            return p.min(0).values.sum(-2), p.max(0).values.sum(-2)
-        xc, xr = x.center_radius
-        yc, yr = y.center_radius
-        return CenterRadius(torch.matmul(xc, yc),
-                            torch.matmul(xc.abs(), yr) + torch.matmul(xr, yc.abs()) + torch.matmul(xr, yr))
+            out = (p.min(0).values.sum(-2), p.max(0).values.sum(-2))
+        else:
+            xc, xr = x.center_radius
+            yc, yr = y.center_radius
+            out = CenterRadius(torch.matmul(xc, yc),
+                               torch.matmul(xc.abs(), yr) + torch.matmul(xr, yc.abs()) + torch.matmul(xr, yr))
+        return self._both_with_ball(out, x, y)
+
+    @staticmethod
+    def _ball(v):
+        """(centre, eps (B,) or scalar, q) where v's set is an Lp ball over the whole tensor (a
+        perturbed parameter, `set_image.LpImage`), else None."""
+        img = v.image
+        if img is None or not hasattr(img, "q") or img.center.shape != v.value.shape:
+            return None
+        return img.center, img.eps, img.q
+
+    def _with_ball(self, out, v, C, left: bool):
+        """Intersect with the ball's own interval where the bounded operand is an Lp ball (e.g. a
+        weight): row i of D C (left) is bounded by ||D_i||_p ||C_:j||_q <= eps ||C_:j||_q."""
+        ball = self._ball(v)
+        if ball is None:
+            return out
+        c0, eps, q = ball
+        if left:
+            z = torch.matmul(c0, C)
+            r = C.norm(p=q, dim=-2).unsqueeze(-2)            # (…, 1, m)
+        else:
+            z = torch.matmul(C, c0)
+            r = C.norm(p=q, dim=-1).unsqueeze(-1)            # (…, n, 1)
+        r = ball_radius(eps, z.dim()) * r
+        return self._intersect(out, z - r, z + r)
+
+    def _both_with_ball(self, out, x, y):
+        """Both bounded, one an Lp ball X0 + D: X Y = X0 Y + D Y with X0 Y by interval arithmetic and
+        |(D Y)_ij| <= eps ||max|Y_:j| ||_q (and symmetrically), intersected with ``out``."""
+        for ball, other, left in ((self._ball(x), y, True), (self._ball(y), x, False)):
+            if ball is None:
+                continue
+            c0, eps, q = ball
+            oc, orad = other.center_radius
+            mag = torch.maximum(other.lower.abs(), other.upper.abs())
+            if left:
+                z, zr = torch.matmul(c0, oc), torch.matmul(c0.abs(), orad)
+                r = mag.norm(p=q, dim=-2).unsqueeze(-2)
+            else:
+                z, zr = torch.matmul(oc, c0), torch.matmul(orad, c0.abs())
+                r = mag.norm(p=q, dim=-1).unsqueeze(-1)
+            r = zr + ball_radius(eps, z.dim()) * r
+            out = self._intersect(out, z - r, z + r)
+        return out
+
+    @staticmethod
+    def _intersect(out, lo, hi):
+        if isinstance(out, CenterRadius):
+            c, r = out
+            out = (c - r, c + r)
+        return torch.maximum(out[0], lo), torch.minimum(out[1], hi)
 
     # ------------------------------------------------------------------ backward
     def _linear(self, A, x, y):
@@ -133,12 +188,45 @@ class BoundMatMul(BoundOp):
             return [tuple(o) for o in out.values()], 0, 0
         res = {"x": [None, None], "y": [None, None]}
         biases = [0, 0]
+        ball_side = self._ball_operand(x, y)
         for side, A in enumerate((lA, uA)):
             if A is None:
                 continue
-            ax, ay, bias = self._side(A, x, y, side == 1, None if alpha is None else alpha[side])
+            if ball_side is not None:
+                ax, ay, bias = self._ball_plane(A, x, y, side == 1, ball_side)
+            else:
+                ax, ay, bias = self._side(A, x, y, side == 1, None if alpha is None else alpha[side])
             res["x"][side], res["y"][side], biases[side] = ax, ay, bias
-        return [(x, *res["x"]), (y, *res["y"])], biases[0], biases[1]
+        out = [(v, *res[k]) for k, v in (("x", x), ("y", y)) if res[k] != [None, None]]
+        return out, biases[0], biases[1]
+
+    def _ball_operand(self, x, y) -> Optional[str]:
+        """"x" or "y" where that operand is an L2 / L1 ball (a perturbed weight): its box (w0 ± eps
+        per element) makes McCormick planes loose, so the ball plane serves instead."""
+        for name, v in (("x", x), ("y", y)):
+            b = self._ball(v)
+            if b is not None and b[2] != 1.0:  # dual norm q = 1 is an L∞ ball: its box is exact
+                return name
+        return None
+
+    def _ball_plane(self, A, x, y, upper: bool, which: str):
+        """X Y with X = X0 + D in a ball: X Y = X0 Y + D Y and |(D Y)_ij| <= eps ||max|Y_:j| ||_q
+        over Y's box, so X0 Y - eps r <= X Y <= X0 Y + eps r (linear in Y alone, sound for every
+        point of the ball and the box); symmetrically for a ball on Y."""
+        z_dim = A.dim() - 1
+        ball, other = (self._ball(x), y) if which == "x" else (self._ball(y), x)
+        c0, eps, q = ball
+        mag = torch.maximum(other.lower.abs(), other.upper.abs())
+        if which == "x":
+            r = mag.norm(p=q, dim=-2).unsqueeze(-2)                  # (B, 1, m)
+            coef = unbroadcast(torch.matmul(_t(_rows(c0, z_dim)), A), y.value.shape[1:])
+        else:
+            r = mag.norm(p=q, dim=-1).unsqueeze(-1)                  # (B, n, 1)
+            coef = unbroadcast(torch.matmul(A, _t(_rows(c0, z_dim))), x.value.shape[1:])
+        r = _rows(ball_radius(eps, r.dim()) * r, z_dim)
+        slack = (A.abs() * r).flatten(2).sum(-1)
+        bias = slack if upper else -slack
+        return (None, coef, bias) if which == "x" else (coef, None, bias)
 
     def backward(self, lA, uA, x, y, *rest, **kw):
         return self._backward(lA, uA, x, y)
