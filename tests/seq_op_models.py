@@ -119,3 +119,21 @@ class LSTMCellClassifier(nn.Module):
         for t in range(1, self.steps):
             h, c = self.cell(x[:, t], (h, c))
         return self.head(h)
+
+
+class EinsumOps(nn.Module):
+    """einsum forms of attention: scores bhqd,bhkd->bhqk, a constant projection bhtd,de->bhte,
+    and the weighted sum bhqk,bhke->bqhe (the output's indices permuted)."""
+
+    def __init__(self, n=32, out=5):
+        super().__init__()
+        self.fc = nn.Linear(n, 24)
+        self.W = nn.Parameter(torch.randn(4, 3) * 0.5)
+        self.out = nn.Linear(2 * 3 * 3, out)
+
+    def forward(self, x):
+        h = self.fc(x.flatten(1)).view(-1, 2, 3, 4)                   # (B, heads, T, d)
+        s = torch.einsum("bhqd,bhkd->bhqk", h, torch.tanh(h))
+        v = torch.einsum("bhtd,de->bhte", h, self.W)
+        o = torch.einsum("bhqk,bhke->bqhe", torch.relu(s), v)
+        return self.out(o.flatten(1))

@@ -9,9 +9,9 @@ import torch
 
 from bound_checks import assert_sound
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
-from seq_op_models import PowerOps, ProductOps, SelectOps
+from seq_op_models import EinsumOps, PowerOps, ProductOps, SelectOps
 
-MODELS = {"select": SelectOps, "power": PowerOps, "product": ProductOps}
+MODELS = {"select": SelectOps, "power": PowerOps, "product": ProductOps, "einsum": EinsumOps}
 METHODS = ["IBP", "CROWN-IBP", "CROWN", "alpha-CROWN"]
 FAST = {"iteration": 6, "lr_alpha": 0.3}
 
@@ -102,3 +102,11 @@ def test_select_ops_ibp_is_exact():
     lb, ub = _ibp_of(pick, x0, ptb)
     torch.testing.assert_close(lb, pick(x0 - 0.3))
     torch.testing.assert_close(ub, pick(x0 + 0.3))
+
+
+def test_einsum_rewrite_computes_einsum():
+    torch.manual_seed(0)
+    model = EinsumOps().double().eval()
+    x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
+    net = BoundedModule(model, x[:2])
+    torch.testing.assert_close(net(x), model(x), rtol=1e-12, atol=1e-12)

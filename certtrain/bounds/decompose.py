@@ -11,6 +11,9 @@ with the example input's shapes known (so tuple-valued ops can be unpacked).
   ops/softmax.py);
 * ``layer_norm(x, shape, w, b, eps)``: ``d = x - mean(x)``, ``d * rsqrt(mean(d * d) + eps) * w + b``
   (``d * d`` is one node used twice: the square rule);
+* ``einsum(eq, a, b)`` of two operands (the forms attention uses: ``bhqd,bhkd->bhqk``,
+  ``bij,jk->bik`` ...): permutes and reshapes around one ``matmul`` (the output's first index is
+  the batch; each index appears once per operand);
 * ``a / b`` with ``b`` computed from a model input: ``a * reciprocal(b)`` (the reciprocal rule
   bounds 1/b on a positive or negative domain; the product rule bounds a * (1/b)).
 
@@ -123,7 +126,7 @@ def _replace(gm: fx.GraphModule, node: fx.Node, fn, *args, **kwargs) -> None:
     for n in gm.graph.nodes:
         if not n.meta and n is not out.node:
             n.meta = {"stack_trace": node.meta.get("stack_trace", "")}
-    out.node.meta = {"stack_trace": node.meta.get("stack_trace", "")}
+    out.node.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "tensor_meta")}  # same value
     node.replace_all_uses_with(out.node)
     gm.graph.erase_node(node)
 
@@ -148,6 +151,65 @@ def _layer_norm_parts(x, shape, weight=None, bias=None, eps=1e-5):
     if bias is not None:
         y = y + bias
     return y
+
+
+def _prod(xs) -> int:
+    out = 1
+    for v in xs:
+        out *= int(v)
+    return out
+
+
+def _einsum_parts(eq: str, sizes: dict, a, b):
+    lhs, out = eq.replace(" ", "").split("->")
+    la, lb = lhs.split(",")
+    beta = out[0]
+    shared = [c for c in out[1:] if c in la and c in lb]
+    contract = [c for c in la if c in lb and c not in out]
+    fa = [c for c in la if c not in lb and c != beta]
+    fb = [c for c in lb if c not in la and c != beta]
+
+    def prep(x, letters, first, last):
+        has_b = letters[0] == beta
+        order = ([beta] if has_b else []) + shared + first + last
+        x = x.permute(*[letters.index(c) for c in order])
+        shape = ([-1] if has_b else []) + [sizes[c] for c in shared] + [_prod(sizes[c] for c in first),
+                                                                          _prod(sizes[c] for c in last)]
+        return x.reshape(*shape)
+    z = torch.matmul(prep(a, la, fa, contract), prep(b, lb, contract, fb))
+    z = z.reshape(-1, *[sizes[c] for c in shared + fa + fb])
+    now = [beta] + shared + fa + fb
+    return z.permute(*[now.index(c) for c in out])
+
+
+def _rewrite_einsum(gm: fx.GraphModule) -> bool:
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.einsum:
+            continue
+        eq, *ops = node.args
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        if len(ops) != 2 or not all(_is_tensor_node(o) for o in ops) or not isinstance(eq, str):
+            continue
+        eq_ = eq.replace(" ", "")
+        if "->" not in eq_ or "." in eq_:
+            raise TraceError(f"einsum at graph node '{node.name}' ({eq!r}): write the output indices "
+                             "explicitly ('...->...') and no ellipsis, for the bound engine")
+        (la, lb), out = eq_.split("->")[0].split(","), eq_.split("->")[1]
+        letters_ok = all(len(set(t)) == len(t) for t in (la, lb, out)) and set(out) <= set(la + lb) \
+            and all(c in out for c in la + lb if (c in la) != (c in lb)) and (la[:1] == out[:1] or lb[:1] == out[:1])
+        if not letters_ok:
+            raise TraceError(f"einsum at graph node '{node.name}' ({eq!r}) has no bound rule: the output's "
+                             "first index must be the batch index (first of an operand), each index once per "
+                             "operand, and an index of only one operand must appear in the output")
+        sizes = {}
+        for letters, o in zip((la, lb), ops):
+            for c, n in zip(letters, o.meta["tensor_meta"].shape):
+                sizes[c] = int(n)
+        _replace(gm, node, lambda a, b: _einsum_parts(eq_, sizes, a, b), *ops)
+        changed = True
+    return changed
 
 
 _SOFTMAX = (F.softmax, torch.softmax, "softmax")
@@ -263,6 +325,7 @@ def decompose(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> fx.GraphMo
             m.training = mode
     changed = _unpack_splits(gm)
     changed = _rewrite_min_max(gm) or changed
+    changed = _rewrite_einsum(gm) or changed
     changed = _rewrite_softmax_layer_norm(gm) or changed
     changed = _rewrite_division(gm) or changed
     if changed:
