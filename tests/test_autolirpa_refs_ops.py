@@ -211,3 +211,39 @@ def test_general_shape_matmul_chain():
     _close(lb, ref[7][0], 1e-4, 1e-6, "output lower")
     _close(ub, ref[7][1], 1e-4, 1e-6, "output upper")
     assert_sound(_BindSecond(model, w), x0, ptb, lb, ub, n_random=200, pgd_steps=20)
+
+
+class _MinMax(nn.Module):
+    """test_min_max's model: y = seq3(max(seq1(x), seq2(x)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq1 = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1))
+        self.seq2 = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1))
+        self.seq3 = nn.Sequential(nn.Conv2d(32, 8, 2, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 100),
+                                  nn.ReLU(), nn.Linear(100, 10))
+
+    def forward(self, x):
+        return self.seq3(torch.max(self.seq1(x), self.seq2(x)))
+
+
+def test_min_max():
+    """max of two bounded tensors (rewritten a + relu(b - a), exact), α-CROWN: sound, and tighter on
+    average over the outputs than auto_LiRPA's CROWN-Optimized runs with shared α (runs 0 and 2;
+    measured: by 6.9 on the lower and 8.6 on the upper bounds at 20 iterations, though looser on
+    some outputs by up to 31). Its runs with unshared α (1 and 3: one α per output spec and
+    neuron) stay tighter than ours, by 8.0 / 6.5 on average: α-CROWN parity is issue 12's."""
+    import numpy as np
+    b = _load("bundles/test_min_max.py__TestMinMax__test.pt")
+    ref = _load("data/min_max_test_data")
+    model = _MinMax().eval()
+    model.load_state_dict(b["modules"][0]["state_dict"])
+    x0 = torch.tensor(np.load(REFS / "samples" / "mnist_test_2.npy")).float().reshape(2, 1, 28, 28) / 255
+    ptb = PerturbationLpNorm(eps=0.3)
+    net = BoundedModule(model, x0)
+    with torch.no_grad():
+        lb, ub = net.compute_bounds(x=(BoundedTensor(x0, ptb),), method="alpha-CROWN",
+                                    optimize_bound_args={"iteration": 20, "lr_alpha": 0.1})
+    for rl, ru in (ref[0], ref[2]):  # patches / matrix, shared α
+        assert (lb - rl).mean() > 0 and (ru - ub).mean() > 0
+    assert_sound(model, x0, ptb, lb, ub, n_random=100, pgd_steps=20)
