@@ -15,9 +15,9 @@ from .ops import OPS, BoundOp, LinearOp, UnsupportedOperation, Value, register_o
 from .patches import Patches
 from .perturbations import Perturbation, PerturbationL0Norm, PerturbationLpNorm
 from .state import BoundState
-from .tensor import BoundedTensor
+from .tensor import BoundedParameter, BoundedTensor
 
-__all__ = ["BoundedModule", "BoundedTensor", "BoundState", "BoundNode", "Perturbation", "PerturbationLpNorm", "PerturbationL0Norm",
+__all__ = ["BoundedModule", "BoundedTensor", "BoundedParameter", "BoundState", "BoundNode", "Perturbation", "PerturbationLpNorm", "PerturbationL0Norm",
            "Patches", "BoundOp", "LinearOp", "Value", "OPS", "register_op", "UnsupportedOperation",
            "TraceError", "DEFAULT_OPTS", "check_bound_opts", "BoundMethod", "IBP", "CROWNIBP", "CROWN",
            "AlphaCROWN", "METHOD_NAMES", "CHEAP_METHODS", "resolve_method", "check_alpha_opts"]
