@@ -228,11 +228,12 @@ class _MinMax(nn.Module):
 
 
 def test_min_max():
-    """max of two bounded tensors (rewritten a + relu(b - a), exact), α-CROWN: sound, and tighter on
-    average over the outputs than auto_LiRPA's CROWN-Optimized runs with shared α (runs 0 and 2;
-    measured: by 6.9 on the lower and 8.6 on the upper bounds at 20 iterations, though looser on
-    some outputs by up to 31). Its runs with unshared α (1 and 3: one α per output spec and
-    neuron) stay tighter than ours, by 8.0 / 6.5 on average: α-CROWN parity is issue 12's."""
+    """max of two bounded tensors (rewritten a + relu(b - a), exact), α-CROWN with auto_LiRPA's 5
+    iterations and lr 0.1: sound, and on every output at least as tight as all four of its
+    CROWN-Optimized references (patches / matrix × shared / unshared α) once the intermediate
+    layers' slopes are optimized too (measured: tighter by 23.7 to 78 per bound). With the
+    intermediate bounds fixed it is not: on average tighter than the shared-α runs only at 20
+    iterations (by 6.9 / 8.6), and looser than the unshared-α runs (by 8.0 / 6.5)."""
     import numpy as np
     b = _load("bundles/test_min_max.py__TestMinMax__test.pt")
     ref = _load("data/min_max_test_data")
@@ -242,8 +243,8 @@ def test_min_max():
     ptb = PerturbationLpNorm(eps=0.3)
     net = BoundedModule(model, x0)
     with torch.no_grad():
-        lb, ub = net.compute_bounds(x=(BoundedTensor(x0, ptb),), method="alpha-CROWN",
-                                    optimize_bound_args={"iteration": 20, "lr_alpha": 0.1})
-    for rl, ru in (ref[0], ref[2]):  # patches / matrix, shared α
-        assert (lb - rl).mean() > 0 and (ru - ub).mean() > 0
+        lb, ub = net.compute_bounds(x=(BoundedTensor(x0, ptb),), method="alpha-CROWN", optimize_bound_args={
+            "iteration": 5, "lr_alpha": 0.1, "optimize_intermediate": True})
+    for rl, ru in ref:
+        assert (lb >= rl).all() and (ub <= ru).all()
     assert_sound(model, x0, ptb, lb, ub, n_random=100, pgd_steps=20)
