@@ -11,7 +11,8 @@ from certtrain.bounds import PerturbationL0Norm, PerturbationLpNorm
 
 def tolerance(lb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
     """A few ulps of the bound's magnitude (rounding in the forward pass and in the bounds)."""
-    scale = torch.maximum(lb.abs(), ub.abs()) + 1
+    fin = lambda t: torch.where(torch.isfinite(t), t.abs(), torch.zeros_like(t))  # noqa: E731 (an infinite side must not widen the other's)
+    scale = torch.maximum(fin(lb), fin(ub)) + 1
     return 64 * torch.finfo(lb.dtype).eps * scale
 
 

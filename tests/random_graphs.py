@@ -19,7 +19,8 @@ from torch import nn
 
 CONV_STEPS = ["conv", "conv", "conv", "bn", "act", "act", "act", "maxpool", "avgpool", "add", "sub",
               "cat", "scale", "identity", "gap"]
-DENSE_STEPS = ["linear", "linear", "act", "act", "bn1d", "add", "sub", "cat", "scale", "reduce", "explog"]
+DENSE_STEPS = ["linear", "linear", "act", "act", "bn1d", "add", "sub", "cat", "scale", "reduce", "explog",
+               "product", "matmul", "softmax", "gelu", "layernorm", "clamp", "pick", "div"]
 ACTS = ["relu", "relu", "leaky", "sigmoid", "tanh"]
 RELU_FORMS = ["module", "function", "method", "module_inplace", "function_inplace", "method_inplace"]
 
@@ -190,6 +191,24 @@ def random_spec(seed: int, conv: bool = True, max_steps: int = 7) -> Spec:
         elif kind == "explog":
             dense.append(Step("explog", [i], {"which": rng.choice(["exp", "log", "logsumexp"])}))
             dshapes.append(dshapes[i])
+        elif kind in ("product", "div"):  # of two bounded tensors (often the same one: a square)
+            same = [j for j, s in enumerate(dshapes) if s == dshapes[i]]
+            j = i if rng.random() < 0.4 else rng.choice(same)
+            dense.append(Step(kind, [i, j]))
+            dshapes.append(dshapes[i])
+        elif kind == "matmul":  # (B, a, b) @ (B, b, a) of two bounded tensors of n = a·b features
+            n = dshapes[i]
+            divs = [a for a in range(1, n + 1) if n % a == 0 and a * a <= max(n, 16)]  # no n² blow-up
+            a = rng.choice(divs)
+            same = [j for j, s in enumerate(dshapes) if s == n]
+            dense.append(Step("matmul", [i, rng.choice(same)], {"a": a, "b": n // a}))
+            dshapes.append(a * a)
+        elif kind in ("softmax", "gelu", "layernorm", "clamp"):
+            dense.append(Step(kind, [i], {"lo": rng.choice([-1.0, -0.2]), "hi": rng.choice([0.5, 2.0])}))
+            dshapes.append(dshapes[i])
+        elif kind == "pick" and dshapes[i] >= 2:
+            dense.append(Step("pick", [i], {"start": rng.randint(0, 1)}))
+            dshapes.append(len(range(dense[-1].params["start"], dshapes[i], 2)))
     last = len(dshapes) - 1
     n_out = rng.choice([2, 3, 4])
     dense.append(Step("linear", [last], {"in": dshapes[last], "out": n_out, "bias": True}))
@@ -308,6 +327,23 @@ class RandomNet(nn.Module):
         if s.kind == "reduce":
             r = x.mean(1, keepdim=True) if p["mean"] else x.sum(dim=1, keepdim=True)
             return x - r
+        if s.kind == "product":
+            return x * xs[1]
+        if s.kind == "div":  # a divisor bounded away from 0
+            return x / (torch.sigmoid(xs[1]) + 0.5)
+        if s.kind == "matmul":
+            a, b = p["a"], p["b"]
+            return torch.matmul(x.view(-1, a, b), xs[1].view(-1, b, a)).flatten(1)
+        if s.kind == "softmax":
+            return torch.softmax(x, dim=1)
+        if s.kind == "gelu":
+            return F.gelu(x)
+        if s.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[1],))
+        if s.kind == "clamp":
+            return torch.clamp(x, p["lo"], p["hi"])
+        if s.kind == "pick":
+            return x[:, p["start"]::2]
         raise ValueError(s.kind)
 
     def _inplace(self, s: Step) -> bool:

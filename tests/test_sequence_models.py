@@ -118,14 +118,38 @@ def test_softmax_closed_form_is_attained():
         torch.testing.assert_close(hi[:, i], torch.softmax(xu, 1)[:, i])
 
 
-def test_softmax_ibp_uses_the_closed_form():
+@pytest.mark.parametrize("n", [6, 40], ids=["pairwise", "shifted"])
+def test_softmax_ibp_uses_the_closed_form(n):
+    """Both decompositions (pairwise up to 32 entries, max-shifted above) give softmax's exact
+    per-element interval under IBP, and CROWN bounds that hold."""
     torch.manual_seed(0)
-    x0 = torch.randn(3, 6, dtype=torch.float64)
+    x0 = torch.randn(3, n, dtype=torch.float64)
     net = BoundedModule(_Wrap(lambda s, x: torch.softmax(x, -1)), x0)
     lb, ub = net.compute_bounds(x=(BoundedTensor(x0, PerturbationLpNorm(eps=0.4)),), method="IBP")
     lo, hi = closed_form(x0 - 0.4, x0 + 0.4, 1)
     torch.testing.assert_close(lb, lo)
     torch.testing.assert_close(ub, hi)
+    model = _Wrap(lambda s, x: torch.softmax(x, -1))
+    lb, ub = net.compute_bounds(x=(BoundedTensor(x0, PerturbationLpNorm(eps=0.4)),), method="CROWN")
+    assert_sound(model, x0, PerturbationLpNorm(eps=0.4), lb, ub, n_random=100, pgd_steps=15)
+
+
+def test_softmax_of_a_huge_box_stays_bounded():
+    """Inputs far wider than exp's range (a loose IBP early in training): the pairwise denominator
+    is >= 1, so IBP stays finite and inside [0, 1] (no underflow to a zero divisor); CROWN's lines
+    through an overflowed exp say nothing (±inf, never NaN); all sound."""
+    torch.manual_seed(0)
+    x0 = torch.randn(2, 5)
+    model = _Wrap(lambda s, x: torch.softmax(x * 50.0, -1))
+    net = BoundedModule(model, x0)
+    ptb = PerturbationLpNorm(eps=4.0)
+    for method in ("IBP", "CROWN-IBP", "CROWN"):
+        with torch.no_grad():
+            lb, ub = net.compute_bounds(x=(BoundedTensor(x0, ptb),), method=method)
+        assert not lb.isnan().any() and not ub.isnan().any()
+        if method == "IBP":
+            assert (lb >= 0).all() and (ub <= 1 + 1e-6).all()
+        assert_sound(model, x0, ptb, lb, ub, n_random=100, pgd_steps=10)
 
 
 def test_gelu_ibp_exact_and_lines_tight():

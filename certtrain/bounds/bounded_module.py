@@ -105,6 +105,13 @@ def _add(a: Optional[LinearA], b: Optional[LinearA]) -> Optional[LinearA]:
     return a + b
 
 
+def _unknown_is_infinite(lb: Tensor, ub: Tensor) -> tuple[Tensor, Tensor]:
+    """A NaN bound (inf - inf or 0 * inf in a relaxation past float range) says nothing: -inf below,
+    +inf above, which is sound, where NaN would compare false against every value."""
+    return torch.nan_to_num(lb, nan=-math.inf, posinf=math.inf, neginf=-math.inf), \
+        torch.nan_to_num(ub, nan=math.inf, posinf=math.inf, neginf=-math.inf)
+
+
 class BoundedModule(nn.Module):
     """Wrap ``model`` so that ``compute_bounds`` gives guaranteed output bounds.
 
@@ -465,7 +472,7 @@ class BoundedModule(nn.Module):
                 if rows.numel() > 0.9 * numel:  # nearly all: bound every neuron (auto_LiRPA's rule)
                     rows = None
         all_rows = torch.arange(numel, device=v.value.device) if rows is None else rows
-        lb, ub = self.node_bounds(state, n.name, all_rows, alphas=alphas)
+        lb, ub = _unknown_is_infinite(*self.node_bounds(state, n.name, all_rows, alphas=alphas))
         # Both the interval and the CROWN bound hold: keep their intersection (CROWN can be
         # looser than IBP for some neurons, e.g. after a saturated sigmoid).
         lo, up = v.lower.flatten(1), v.upper.flatten(1)
@@ -597,9 +604,14 @@ class BoundedModule(nn.Module):
         """CROWN bounds (B, n_spec) of ``C @ output`` (the identity when C is None)."""
         C = self.spec_matrix(state, C)
         B = C.shape[0]
-        return self.chunked_backward(
+        lb, ub = self.chunked_backward(
             state, self._final_name, C.shape[1],
             lambda start, stop: C[:, start:stop].reshape(B, -1, *self._output_shape), lower, upper, alphas)
+        if lb is not None:
+            lb = _unknown_is_infinite(lb, lb)[0]
+        if ub is not None:
+            ub = _unknown_is_infinite(ub, ub)[1]
+        return lb, ub
 
     def ibp_output_bounds(self, state: BoundState, C: Optional[Tensor]):
         """IBP bounds of ``C @ output``: C folded into the last op where it can (``op.ibp_spec``),

@@ -6,9 +6,10 @@ with the example input's shapes known (so tuple-valued ops can be unpacked).
 * ``torch.maximum(a, b)`` / ``torch.max(a, b)``: ``a + relu(b - a)``; ``minimum`` / ``min(a, b)``:
   ``a - relu(a - b)`` (exact identities; the ReLU carries the relaxation).
 
-* ``softmax(x, dim)``: ``e = exp(x - c)``, ``e * reciprocal(sum(e, dim))`` with c the clean
-  maximum (`graph.invariant_shift`), closed by ``softmax_guard`` (the exact per-element interval,
-  ops/softmax.py);
+* ``softmax(x, dim)`` over n <= 32 entries: ``reciprocal(1 + Σ_{j≠i} exp(x_j - x_i))`` (exact IBP,
+  a denominator >= 1); over more: ``e = exp(x - c)``, ``e * reciprocal(sum(e, dim))`` with c the
+  clean maximum (`graph.invariant_shift`), closed by ``softmax_guard`` (the exact per-element
+  interval, ops/softmax.py);
 * ``layer_norm(x, shape, w, b, eps)``: ``d = x - mean(x)``, ``d * rsqrt(mean(d * d) + eps) * w + b``
   (``d * d`` is one node used twice: the square rule);
 * ``einsum(eq, a, b)`` of two operands (the forms attention uses: ``bhqd,bhkd->bhqk``,
@@ -136,6 +137,23 @@ def _call(fn, *args):
     return args[0].tracer.create_proxy("call_function", fn, args, {})
 
 
+#: softmax over at most this many entries uses the pairwise form (n² terms per row)
+PAIRWISE_SOFTMAX_MAX = 32
+
+
+def _softmax_pairwise(x, dim, n, shape):
+    """softmax_i = 1 / (1 + Σ_{j≠i} exp(x_j - x_i)): the denominator is >= 1 for every x (no
+    shift, nothing to underflow), and its IBP is the exact per-element interval of softmax."""
+    d = x.unsqueeze(dim) - x.unsqueeze(dim + 1)          # [..., i, j, ...] = x_j - x_i
+    # the n (n - 1) pairs j ≠ i, picked by a constant index (x's device; no mask product, which
+    # would turn an overflowed exp into NaN)
+    ones = x.new_ones(n, n)
+    pairs = (ones.triu(1) + ones.tril(-1)).flatten().nonzero().flatten()
+    d = d.flatten(dim, dim + 1).index_select(dim, pairs).unflatten(dim, (n, n - 1))
+    s = torch.exp(d).sum(dim + 1) + 1.0
+    return torch.reciprocal(s)
+
+
 def _softmax_parts(x, dim):
     e = torch.exp(x - _call(invariant_shift, x, dim))
     y = e * torch.reciprocal(e.sum(dim, keepdim=True))
@@ -232,7 +250,16 @@ def _rewrite_softmax_layer_norm(gm: fx.GraphModule) -> bool:
                                  "never reduces over the batch)")
             if _arg(node, 3 if node.op == "call_function" else 2, "dtype") is not None:
                 raise TraceError(f"softmax at graph node '{node.name}' with dtype=: cast the input instead")
-            _replace(gm, node, _softmax_parts, node.args[0], int(dim))
+            x = node.args[0]
+            nd = len(x.meta["tensor_meta"].shape) if _is_tensor_node(x) else None
+            n = int(x.meta["tensor_meta"].shape[int(dim)]) if nd is not None else None
+            if n is not None and n <= PAIRWISE_SOFTMAX_MAX:
+                d = int(dim) % nd
+                shape = [1] * (nd + 1)
+                shape[d], shape[d + 1] = n, n
+                _replace(gm, node, lambda t: _softmax_pairwise(t, d, n, shape), x)
+            else:
+                _replace(gm, node, _softmax_parts, x, int(dim))
             changed = True
         elif node.target in _LAYER_NORM:
             ns = _arg(node, 1, "normalized_shape")

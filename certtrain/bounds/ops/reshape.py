@@ -17,7 +17,7 @@ class BoundReshape(LinearOp):
     ibp_operands = "unary"  # _check(): x.value.shape[0]
     targets = (nn.Flatten, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
                "method:view", "method:reshape", "method:flatten", "method:squeeze",
-               "method:unsqueeze", "method:contiguous")
+               "method:unsqueeze", "method:contiguous", "method:unflatten", torch.unflatten)
 
     def _check(self, x, out_shape):
         if out_shape[0] != x.value.shape[0]:
