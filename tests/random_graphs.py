@@ -160,6 +160,7 @@ def random_spec(seed: int, conv: bool = True, max_steps: int = 7) -> Spec:
     flat = [math.prod(shapes[i]) for i in head]
     dshapes = [sum(flat)]
     dense: list[Step] = []
+    dviews = {0}  # dense-pool entries that are views (the flattened head, slices): no in-place op on them
     for _ in range(rng.randint(1, 4)):
         kind = rng.choice(DENSE_STEPS)
         i = rng.randrange(len(dshapes))
@@ -168,7 +169,7 @@ def random_spec(seed: int, conv: bool = True, max_steps: int = 7) -> Spec:
             dense.append(Step("linear", [i], {"in": dshapes[i], "out": out, "bias": rng.random() < 0.8}))
             dshapes.append(out)
         elif kind == "act":
-            dense.append(Step("act", [i], act_params(i + 1 if i else 0)))
+            dense.append(Step("act", [i], act_params(0 if i in dviews else i + 1)))
             dshapes.append(dshapes[i])
         elif kind == "bn1d":
             dense.append(Step("bn1d", [i], {"c": dshapes[i]}))
@@ -208,6 +209,7 @@ def random_spec(seed: int, conv: bool = True, max_steps: int = 7) -> Spec:
             dshapes.append(dshapes[i])
         elif kind == "pick" and dshapes[i] >= 2:
             dense.append(Step("pick", [i], {"start": rng.randint(0, 1)}))
+            dviews.update({i, len(dshapes)})  # the slice and the tensor it views
             dshapes.append(len(range(dense[-1].params["start"], dshapes[i], 2)))
     last = len(dshapes) - 1
     n_out = rng.choice([2, 3, 4])

@@ -269,3 +269,38 @@ def test_intersection_tightens_intermediate_bounds():
     for name in net.pre_activation_names():
         (l1, u1), (l0, u0) = inter[True][name], inter[False][name]
         assert (l1 >= l0 - 1e-12).all() and (u1 <= u0 + 1e-12).all(), name
+
+
+class _Fn(nn.Module):
+    def __init__(self, fn, d_in=3, d_out=4):
+        super().__init__()
+        self.fc, self.fn = nn.Linear(d_in, d_out), fn
+
+    def forward(self, x):
+        return self.fn(self.fc(x))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_softmax_over_one_entry(method):
+    """Fuzz: a softmax over a single entry left a node without elements (no pairs j ≠ i), and CROWN
+    concatenated an empty list of chunks. It is the constant 1."""
+    torch.manual_seed(0)
+    model = _Fn(lambda h: torch.softmax(h[:, :1] * 30, dim=1) + h).eval()
+    x0 = torch.randn(2, 3)
+    ptb = PerturbationLpNorm(eps=0.5)
+    lb, ub = _bounds(model, x0, ptb, method)
+    assert_sound(model, x0, ptb, lb, ub)
+
+
+@pytest.mark.parametrize("method", ["CROWN-IBP", "CROWN"])
+def test_division_domain_with_crown_alone(method):
+    """Fuzz: with intersect_intermediate=False a divisor's CROWN bound (through a sigmoid) dropped
+    below 0 where IBP proves it >= 0.5, and the reciprocal refused; rules with a domain always get
+    CROWN ∩ IBP."""
+    torch.manual_seed(0)
+    model = _Fn(lambda h: h[:, :2] / (torch.sigmoid(h[:, 2:] * 5) + 0.5)).eval()
+    model.fc = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 4))
+    x0 = torch.randn(2, 3)
+    ptb = PerturbationLpNorm(eps=3.0)
+    lb, ub = _bounds(model, x0, ptb, method, intersect_intermediate=False)
+    assert_sound(model, x0, ptb, lb, ub)

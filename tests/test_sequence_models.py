@@ -134,12 +134,14 @@ def test_softmax_ibp_uses_the_closed_form(n):
     assert_sound(model, x0, PerturbationLpNorm(eps=0.4), lb, ub, n_random=100, pgd_steps=15)
 
 
-def test_softmax_of_a_huge_box_stays_bounded():
+@pytest.mark.parametrize("n", [5, 40], ids=["pairwise", "shifted"])
+def test_softmax_of_a_huge_box_stays_bounded(n):
     """Inputs far wider than exp's range (a loose IBP early in training): the pairwise denominator
-    is >= 1, so IBP stays finite and inside [0, 1] (no underflow to a zero divisor); CROWN's lines
-    through an overflowed exp say nothing (±inf, never NaN); all sound."""
+    is >= 1, so IBP stays finite and inside [0, 1]; the shifted form's sum may underflow to 0, and
+    the guard keeps the closed form (its lines too); CROWN's lines through an overflowed exp say
+    nothing (±inf, never NaN); all sound."""
     torch.manual_seed(0)
-    x0 = torch.randn(2, 5)
+    x0 = torch.randn(2, n)
     model = _Wrap(lambda s, x: torch.softmax(x * 50.0, -1))
     net = BoundedModule(model, x0)
     ptb = PerturbationLpNorm(eps=4.0)

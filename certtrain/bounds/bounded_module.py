@@ -478,7 +478,8 @@ class BoundedModule(nn.Module):
         lo, up = v.lower.flatten(1), v.upper.flatten(1)
         if rows is not None:
             lo, up = lo[:, rows], up[:, rows]
-        if self.bound_opts["intersect_intermediate"]:
+        if self.bound_opts["intersect_intermediate"] or any(
+                c.op is not None and c.op.needs_domain for c in self._consumers[n.name]):
             lb, ub = torch.maximum(lb, lo), torch.minimum(ub, up)
         if rows is None:
             v.lower, v.upper = lb.view_as(v.value), ub.view_as(v.value)
@@ -502,6 +503,10 @@ class BoundedModule(nn.Module):
         memory budget; ``rows_A0(i, j)`` gives the coefficients of rows i..j-1 (dense
         (B, rows, *shape) or `Patches`).  ``alphas``: α-CROWN slopes per relaxed node,
         (lower-side, upper-side) tensors with one row per row (or 1, shared)."""
+        if n_rows == 0:  # a node without elements (e.g. a softmax over one entry has no pairs)
+            ref = state.values[start].value
+            empty = ref.new_zeros(ref.shape[0], 0)
+            return (empty if lower else None), (empty if upper else None)
         step = self.rows_per_chunk(state, start)
         lbs, ubs = [], []
         for s in range(0, n_rows, step):

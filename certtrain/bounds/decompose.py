@@ -32,7 +32,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 import torch.nn.functional as F
 
 from .graph import TraceError, fetch_attr, invariant_shift, per_example
-from .ops.softmax import softmax_guard
+from .ops.softmax import positive_reciprocal, softmax_guard
 
 _SPLITS = {torch.split: "split", torch.chunk: "chunk", torch.unbind: "unbind", torch.tensor_split: "tensor_split",
            "split": "split", "chunk": "chunk", "unbind": "unbind", "tensor_split": "tensor_split"}
@@ -156,7 +156,7 @@ def _softmax_pairwise(x, dim, n, shape):
 
 def _softmax_parts(x, dim):
     e = torch.exp(x - _call(invariant_shift, x, dim))
-    y = e * torch.reciprocal(e.sum(dim, keepdim=True))
+    y = e * _call(positive_reciprocal, e.sum(dim, keepdim=True))
     return _call(softmax_guard, y, x, dim)
 
 
@@ -253,7 +253,9 @@ def _rewrite_softmax_layer_norm(gm: fx.GraphModule) -> bool:
             x = node.args[0]
             nd = len(x.meta["tensor_meta"].shape) if _is_tensor_node(x) else None
             n = int(x.meta["tensor_meta"].shape[int(dim)]) if nd is not None else None
-            if n is not None and n <= PAIRWISE_SOFTMAX_MAX:
+            if n == 1:  # softmax over one entry is 1
+                _replace(gm, node, torch.ones_like, x)
+            elif n is not None and n <= PAIRWISE_SOFTMAX_MAX:
                 d = int(dim) % nd
                 shape = [1] * (nd + 1)
                 shape[d], shape[d + 1] = n, n

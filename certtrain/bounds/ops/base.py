@@ -120,6 +120,10 @@ class BoundOp:
     ibp_exact_on_box: ClassVar[bool] = False
     #: Monotone elementwise op: IBP from tight input bounds is tight (the walk skips refining it).
     monotone_elementwise: ClassVar[bool] = False
+    #: The rule has a domain (reciprocal, log, sqrt ...): its input's CROWN bounds are always
+    #: intersected with IBP's (both hold), whatever ``intersect_intermediate`` says, so that a loose
+    #: linear bound never leaves a domain the interval proves.
+    needs_domain: ClassVar[bool] = False
     #: Range of the free parameter of the relaxation (α-CROWN's α), or None when it has none.
     alpha_range: ClassVar[Optional[tuple[float, float]]] = None
     #: For the IBP program (`certtrain.bounds.ibp_program`): where perturbed values may appear —

@@ -34,6 +34,8 @@ class BoundExp(ElementwiseRelaxOp):
 
 @register_op("Log")
 class BoundLog(ElementwiseRelaxOp):
+    needs_domain = True
+
     targets = (torch.log, "method:log")
 
     def fn(self, x):

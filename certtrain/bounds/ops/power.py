@@ -47,6 +47,8 @@ class _OddMirror(SShaped):
 
 
 class _PowBase(ElementwiseRelaxOp):
+    needs_domain = True
+
     """x^p for a constant exponent (``exponent()``)."""
 
     # not monotone for even p, but IBP below is the exact range, so the walk needs no CROWN for

@@ -14,12 +14,47 @@ import torch
 from torch import Tensor
 
 from .base import BoundOp, is_perturbed
+from .power import BoundReciprocal
 from .registry import register_op
 
 
 def softmax_guard(y: Tensor, x: Tensor, dim: int) -> Tensor:
     """Marks y = softmax(x, dim) (decomposed) for the bound engine; the value is y."""
     return y
+
+
+def positive_reciprocal(s: Tensor) -> Tensor:
+    """1 / s for a sum of exponentials (s > 0 for every point, though its lower bound may underflow
+    to 0 when the inputs' box is wider than exp's range)."""
+    return torch.reciprocal(s)
+
+
+@register_op("PositiveReciprocal")
+class BoundPositiveReciprocal(BoundReciprocal):
+    """1 / s with s > 0 known: where s's lower bound underflowed to 0 the upper bound is +inf (and
+    the lines constant), instead of an error; the guard then keeps softmax's closed form."""
+
+    targets = (positive_reciprocal,)
+
+    def _check_domain(self, l, p):
+        pass
+
+    def ibp(self, x, *args, **kwargs):
+        l, u = x.bounds
+        return torch.reciprocal(u), torch.where(l > 0, torch.reciprocal(l.clamp(min=torch.finfo(l.dtype).tiny)),
+                                                torch.full_like(l, torch.inf))
+
+    def relax(self, l, u):
+        ok = l > 0
+        if bool(ok.all()):
+            return super().relax(l, u)
+        safe_l = torch.where(ok, l, u)  # any positive stand-in; replaced below
+        dl, bl, du, bu = super().relax(safe_l, u)
+        zero = torch.zeros_like(l)
+        return (torch.where(ok, dl, zero), torch.where(ok, bl, torch.reciprocal(u)),
+                torch.where(ok, du, zero), torch.where(ok, bu, torch.full_like(l, torch.inf)))
+
+    alpha_range = None
 
 
 def closed_form(l: Tensor, u: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -39,7 +74,7 @@ def closed_form(l: Tensor, u: Tensor, dim: int) -> tuple[Tensor, Tensor]:
 @register_op("SoftmaxGuard")
 class BoundSoftmaxGuard(BoundOp):
     targets = (softmax_guard,)
-    ibp_operands = "binary"
+    ibp_operands = "binary"  # backward reads the interval bounds of y and the logits, which every walk has
 
     def _dim(self, x, args, kwargs) -> int:
         d = args[0] if args else kwargs["dim"]
@@ -50,7 +85,23 @@ class BoundSoftmaxGuard(BoundOp):
         if not is_perturbed(x):
             return yl, yu
         lo, hi = closed_form(*x.bounds, self._dim(x, args, kwargs))
-        return torch.maximum(yl, lo), torch.minimum(yu, hi)
+        return torch.fmax(yl, lo), torch.fmin(yu, hi)  # fmax / fmin: a NaN of the decomposition yields to the closed form
 
     def backward(self, lA, uA, y, x, *args, **kwargs):
-        return [(y, lA, uA)], 0, 0
+        yl, yu = y.bounds
+        if bool(torch.isfinite(yl).all() and torch.isfinite(yu).all()) or not is_perturbed(x):
+            return [(y, lA, uA)], 0, 0
+        # the decomposition overflowed: the closed-form interval as constant lines
+        from ..patches import to_dense
+        lo, hi = closed_form(*x.bounds, self._dim(x, args, kwargs))
+        lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)
+        biases = []
+        for A, upper in ((lA, False), (uA, True)):
+            if A is None:
+                biases.append(0)
+                continue
+            A = to_dense(A)
+            pos, neg = A.clamp(min=0), A.clamp(max=0)
+            b = pos * hi + neg * lo if upper else pos * lo + neg * hi
+            biases.append(b.flatten(2).sum(-1))
+        return [], biases[0], biases[1]
