@@ -341,7 +341,10 @@ class RandomNet(nn.Module):
         if s.kind == "gelu":
             return F.gelu(x)
         if s.kind == "layernorm":
-            return F.layer_norm(x, (x.shape[1],))
+            # eps 0.1: the default 1e-5 amplifies the network's own rounding of a (near-)constant
+            # input up to 316x, past what the oracle's rounding allowance measures (the rule is the
+            # same; tests/test_sequence_models.py covers the default eps)
+            return F.layer_norm(x, (x.shape[1],), eps=0.1)
         if s.kind == "clamp":
             return torch.clamp(x, p["lo"], p["hi"])
         if s.kind == "pick":
