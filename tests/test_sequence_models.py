@@ -118,9 +118,9 @@ def test_softmax_closed_form_is_attained():
         torch.testing.assert_close(hi[:, i], torch.softmax(xu, 1)[:, i])
 
 
-@pytest.mark.parametrize("n", [6, 40], ids=["pairwise", "shifted"])
+@pytest.mark.parametrize("n", [3, 40], ids=["pairwise", "shifted"])
 def test_softmax_ibp_uses_the_closed_form(n):
-    """Both decompositions (pairwise up to 32 entries, max-shifted above) give softmax's exact
+    """Both decompositions (pairwise up to 4 entries, max-shifted above) give softmax's exact
     per-element interval under IBP, and CROWN bounds that hold."""
     torch.manual_seed(0)
     x0 = torch.randn(3, n, dtype=torch.float64)
@@ -134,7 +134,7 @@ def test_softmax_ibp_uses_the_closed_form(n):
     assert_sound(model, x0, PerturbationLpNorm(eps=0.4), lb, ub, n_random=100, pgd_steps=15)
 
 
-@pytest.mark.parametrize("n", [5, 40], ids=["pairwise", "shifted"])
+@pytest.mark.parametrize("n", [3, 40], ids=["pairwise", "shifted"])
 def test_softmax_of_a_huge_box_stays_bounded(n):
     """Inputs far wider than exp's range (a loose IBP early in training): the pairwise denominator
     is >= 1, so IBP stays finite and inside [0, 1]; the shifted form's sum may underflow to 0, and

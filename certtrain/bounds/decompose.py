@@ -6,7 +6,7 @@ with the example input's shapes known (so tuple-valued ops can be unpacked).
 * ``torch.maximum(a, b)`` / ``torch.max(a, b)``: ``a + relu(b - a)``; ``minimum`` / ``min(a, b)``:
   ``a - relu(a - b)`` (exact identities; the ReLU carries the relaxation).
 
-* ``softmax(x, dim)`` over n <= 32 entries: ``reciprocal(1 + Σ_{j≠i} exp(x_j - x_i))`` (exact IBP,
+* ``softmax(x, dim)`` over n <= 4 entries: ``reciprocal(1 + Σ_{j≠i} exp(x_j - x_i))`` (exact IBP,
   a denominator >= 1); over more: ``e = exp(x - c)``, ``e * reciprocal(sum(e, dim))`` with c the
   clean maximum (`graph.invariant_shift`), closed by ``softmax_guard`` (the exact per-element
   interval, ops/softmax.py);
@@ -137,8 +137,9 @@ def _call(fn, *args):
     return args[0].tracer.create_proxy("call_function", fn, args, {})
 
 
-#: softmax over at most this many entries uses the pairwise form (n² terms per row)
-PAIRWISE_SOFTMAX_MAX = 32
+#: softmax over at most this many entries uses the pairwise form: n (n - 1) exponentials per row,
+#: so CROWN bounds n - 1 times the neurons of the shifted form (attention rows are longer)
+PAIRWISE_SOFTMAX_MAX = 4
 
 
 def _softmax_pairwise(x, dim, n, shape):
