@@ -56,6 +56,17 @@ def _l0_random(x0, ptb, n, corners):
     return _l0_set(x0, ptb, xs, pick, l_ + u * (h_ - l_))
 
 
+def _objective_grad(model, x, x0, C, n_out, sign, which):
+    """Gradient at points x (2 n_out, B, ...) of the attack objective: output (or spec row) which[k]
+    pushed in direction sign[k] by the k-th copy of the batch."""
+    x.requires_grad_(True)
+    y = model(x.flatten(0, 1)).flatten(1).view(2 * n_out, x0.shape[0], -1)
+    if C is not None:
+        y = torch.einsum("bsn,kbn->kbs", C, y)
+    obj = (y[torch.arange(2 * n_out), :, which] * sign[:, None]).sum()
+    return torch.autograd.grad(obj, x)[0]
+
+
 def _l0_attack(model, x0, ptb, C, steps, n_out, sign, which):
     """Greedy first-order attack on an L0 set: move the k coordinates with the largest linearized
     gain to the better end of their domain, from the last point's gradient."""
@@ -66,12 +77,7 @@ def _l0_attack(model, x0, ptb, C, steps, n_out, sign, which):
     base = x0.unsqueeze(0).expand_as(x).flatten(2)
     k = min(ptb.eps, base.shape[-1])
     for _ in range(steps):
-        x.requires_grad_(True)
-        y = model(x.flatten(0, 1)).flatten(1).view(2 * n_out, x0.shape[0], -1)
-        if C is not None:
-            y = torch.einsum("bsn,kbn->kbs", C, y)
-        obj = (y[torch.arange(2 * n_out), :, which] * sign[:, None]).sum()
-        (g,) = torch.autograd.grad(obj, x)
+        g = _objective_grad(model, x, x0, C, n_out, sign, which)
         with torch.no_grad():
             g = g.flatten(2)
             gu, gl = g * (hi - base), g * (lo - base)
@@ -127,12 +133,7 @@ def pgd_extremes(model, x0, ptb, C=None, steps: int = 25, return_points: bool = 
         x = random_points(x0, ptb, 2 * n_out, corners=False).clone()
     eps = float(torch.as_tensor(ptb.eps).max())
     for t in range(steps):
-        x.requires_grad_(True)
-        y = model(x.flatten(0, 1)).flatten(1).view(2 * n_out, x0.shape[0], -1)
-        if C is not None:
-            y = torch.einsum("bsn,kbn->kbs", C, y)
-        obj = (y[torch.arange(2 * n_out), :, which] * sign[:, None]).sum()
-        (g,) = torch.autograd.grad(obj, x)
+        g = _objective_grad(model, x, x0, C, n_out, sign, which)
         step = eps * (0.5 if t < steps // 2 else 0.1)
         with torch.no_grad():
             if ptb.norm == math.inf:

@@ -73,16 +73,17 @@ def test_mlp_sound(which, method, norm, dtype):
     assert_sound_weights(model, x0, lb, ub, x_ptb=x_ptb, n_random=40, pgd_steps=20)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("norm", [math.inf, 2], ids=["linf", "l2"])
 @pytest.mark.parametrize("method", METHODS)
-def test_cnn_sound(method, norm):
+def test_cnn_sound(method, norm, dtype):
     """Conv2d weight and bias (as W_flat @ unfold(x)), BatchNorm affine (eval) and Linear weight."""
     torch.manual_seed(0)
-    model = CNN().double().eval()
+    model = CNN().to(dtype).eval()
     model.bn.running_mean.uniform_(-0.3, 0.3), model.bn.running_var.uniform_(0.5, 2)
     _perturb(model, ["conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight"],
              PerturbationLpNorm(norm=norm, eps={math.inf: 0.03, 2: 0.2}[norm]))
-    x0 = torch.rand(3, 2, 4, 4, dtype=torch.float64)
+    x0 = torch.rand(3, 2, 4, 4, dtype=dtype)
     net = BoundedModule(model, x0)
     torch.testing.assert_close(net(x0), model(x0))
     kw = {"optimize_bound_args": FAST} if method == "alpha-CROWN" else {}

@@ -311,6 +311,7 @@ def lift_parameters(gm: fx.GraphModule) -> list[tuple[str, str]]:
     model's own), fed one copy of p per example: [(input name, parameter name)], in input order."""
     from .tensor import BoundedParameter
     lifted: list[tuple[str, str]] = []
+    inputs: dict[str, fx.Node] = {}  # parameter name -> its graph input
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or not isinstance(fetch_attr(gm, node.target), BoundedParameter):
@@ -321,14 +322,12 @@ def lift_parameters(gm: fx.GraphModule) -> list[tuple[str, str]]:
                 raise TraceError(f"the BoundedParameter '{node.target}' is used by graph node '{u.name}' "
                                  f"({u.target}); only the parameters of nn.Linear, nn.Conv2d and BatchNorm "
                                  "layers can be perturbed")
-        done = {t for _, t in lifted}
-        if node.target in done:  # another get_attr of the same parameter: its input serves
-            ph = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == dict((t, n_) for n_, t in lifted)[node.target])
-        else:
+        ph = inputs.get(node.target)  # another get_attr of the same parameter: its input serves
+        if ph is None:
             with gm.graph.inserting_after(last):
                 ph = gm.graph.placeholder("param_" + node.target.replace(".", "_"))
             ph.meta = {}
-            last = ph
+            last = inputs[node.target] = ph
             lifted.append((ph.name, node.target))
         for u in users:  # one input per parameter, whichever layers read it (one set)
             u.replace_all_uses_with(ph)

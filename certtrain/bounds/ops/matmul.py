@@ -101,8 +101,9 @@ class BoundMatMul(BoundOp):
     def _ball(v):
         """(centre, eps (B,) or scalar, q) where v's set is an Lp ball over the whole tensor (a
         perturbed parameter, `set_image.LpImage`), else None."""
+        from ..set_image import LpImage
         img = v.image
-        if img is None or not hasattr(img, "q") or img.center.shape != v.value.shape:
+        if not isinstance(img, LpImage) or img.center.shape != v.value.shape:
             return None
         return img.center, img.eps, img.q
 
