@@ -49,7 +49,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -60,9 +60,10 @@ from .bounds.methods import ALPHA_RULES, CHEAP_METHODS, METHOD_NAMES, check_alph
 from .losses import margin_spec
 from .threat import LpBall, check_eps
 
-__all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "VerificationResult", "accuracy_curve",
-           "canonical_method", "check_engine_supports", "eps_table", "load_for_verification", "make_perturbation", "margin_lower_bounds",
-           "parse_alpha_crown_options", "parse_method_options", "parse_methods", "resolve_device", "verify_dataset",
+__all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "InputSetTask", "VerificationResult",
+           "VerificationTask", "accuracy_curve", "canonical_method", "check_engine_supports", "eps_table",
+           "load_for_verification", "make_perturbation", "margin_lower_bounds", "parse_alpha_crown_options",
+           "parse_method_options", "parse_methods", "resolve_device", "run_verification", "verify_dataset",
            "write_samples_csv"]
 
 #: the bound methods, cheapest first (the engine's registry, certtrain.bounds.methods)
@@ -244,6 +245,11 @@ class VerificationResult:
     cascade_skipped: dict[str, int] = field(default_factory=dict)
     #: the limits in force: {"method_batch_size": {...}, "max_samples": {...}, "time_limit": {...}}
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the attack's description (None: PGD with pgd_steps x pgd_restarts), what the tables call the
+    #: set's size ("ε", "budget") and the attack ("PGD", "attack")
+    attack: Optional[str] = None
+    radius_name: str = "ε"
+    attack_name: str = "PGD"
 
     @property
     def n(self) -> int:
@@ -303,7 +309,8 @@ class VerificationResult:
             "alone_attempted": {m: int(v.sum()) for m, v in self.alone_attempted.items()},
             "cascade_in": dict(self.cascade_in), "cascade_verified": dict(self.cascade_verified),
             "cascade_skipped": dict(self.cascade_skipped), "limits": {k: dict(v) for k, v in self.limits.items()},
-            "time": dict(self.time), "seconds": sum(self.time.values()), "unsound": self.unsound(), **self.info,
+            "time": dict(self.time), "seconds": sum(self.time.values()), "unsound": self.unsound(),
+            "attack": self._pgd_label(), **self.info,
         }
         s["gap"] = s["pgd"] - s["verified"]
         s["clean_acc"], s["pgd_acc"], s["verified_acc"] = s["clean"] / n, s["pgd"] / n, s["verified"] / n
@@ -312,6 +319,8 @@ class VerificationResult:
         return s
 
     def _pgd_label(self) -> str:
+        if self.attack:
+            return self.attack
         rs = "restart" if self.pgd_restarts == 1 else "restarts"
         return f"PGD ({self.pgd_steps} steps, {self.pgd_restarts} {rs})"
 
@@ -326,7 +335,7 @@ class VerificationResult:
                   f"| clean | {_pct(clean, n)} | {clean}/{n} | {t.get('clean', 0.0):g} |",
                   f"| {self._pgd_label()}: upper bound | {_pct(pgd, n)} | {pgd}/{n} | {t.get('pgd', 0.0):g} |",
                   f"| verified: cascade {' → '.join(self.methods)} | {_pct(ver, n)} | {ver}/{n} | {cascade_time:g} |",
-                  f"| gap: PGD − verified | {_pct(pgd - ver, n)} | {pgd - ver}/{n} | |"]
+                  f"| gap: {self.attack_name} − verified | {_pct(pgd - ver, n)} | {pgd - ver}/{n} | |"]
         na = int(self.not_attempted.sum())
         if na or any(self.cascade_skipped.values()):
             lines.append(f"| not attempted (stage limits; not verified) | {_pct(na, n)} | {na}/{n} | |")
@@ -339,7 +348,7 @@ class VerificationResult:
                          f"{t.get(f'alone:{m}', 0.0):g} |")
         bad = self.unsound()
         if any(bad.values()):
-            lines.append(f"| **verified but broken by PGD (unsound!)** | | {bad} | |")
+            lines.append(f"| **verified but broken by {self.attack_name} (unsound!)** | | {bad} | |")
         lines += ["", "| cascade stage | method | samples in | skipped (limit) | verified | time (s) | ms / sample |",
                   "|---:|---|---:|---:|---:|---:|---:|"]
         for i, m in enumerate(self.methods, 1):
@@ -408,7 +417,8 @@ def accuracy_curve(results: Sequence[VerificationResult], curve_methods: Sequenc
                     "pgd_acc": int(r.pgd_robust.sum()) / n, "verified_acc": int(r.verified.sum()) / n,
                     "curve_acc": None if c is None else c / n,
                     "alone_acc": {m: int(v.sum()) / n for m, v in r.alone_verified.items()},
-                    "not_attempted": int(r.not_attempted.sum()), "seconds": sum(r.time.values())})
+                    "not_attempted": int(r.not_attempted.sum()), "seconds": sum(r.time.values()),
+                    "attack": r._pgd_label(), "attack_name": r.attack_name, "radius_name": r.radius_name})
     return out
 
 
@@ -417,8 +427,12 @@ def eps_table(results: Sequence[VerificationResult], trained_eps: float | None =
     pts = accuracy_curve(results)
     alone = [m for m in METHODS if any(m in p["alone_acc"] for p in pts)]
     na = any(p["not_attempted"] for p in pts)
-    head = (["ε", "clean (%)", "PGD (%)", "PGD steps × restarts"] + [f"{m} alone (%)" for m in alone]
-            + ["verified (%)", "cascade", "gap PGD − verified"] + (["not attempted"] if na else []) + ["time (s)"])
+    radius = pts[0]["radius_name"] if pts else "ε"
+    atk = pts[0]["attack_name"] if pts else "PGD"
+    pgd_like = atk == "PGD"
+    head = ([radius, "clean (%)", f"{atk} (%)", "PGD steps × restarts" if pgd_like else "attack"]
+            + [f"{m} alone (%)" for m in alone]
+            + ["verified (%)", "cascade", f"gap {atk} − verified"] + (["not attempted"] if na else []) + ["time (s)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---:"] * 4 + ["---:"] * len(alone)
                                                             + ["---:", "---", "---:"] + (["---:"] if na else [])
                                                             + ["---:"]) + "|"]
@@ -426,7 +440,7 @@ def eps_table(results: Sequence[VerificationResult], trained_eps: float | None =
         e = f"{p['eps']:.4g}" + (" (trained)" if trained_eps is not None and math.isclose(p["eps"], trained_eps)
                                  else "")
         cells = [e, f"{100 * p['clean_acc']:.2f}", f"{100 * p['pgd_acc']:.2f}",
-                 f"{p['pgd_steps']} × {p['pgd_restarts']}" if p["eps"] > 0 else "–"]
+                 ("–" if p["eps"] <= 0 else f"{p['pgd_steps']} × {p['pgd_restarts']}" if pgd_like else p["attack"])]
         cells += [f"{100 * p['alone_acc'][m]:.2f}" if m in p["alone_acc"] else "–" for m in alone]
         cells += [f"{100 * p['verified_acc']:.2f}", " → ".join(p["methods"]),
                   f"{100 * (p['pgd_acc'] - p['verified_acc']):.2f}"]
@@ -439,6 +453,97 @@ def eps_table(results: Sequence[VerificationResult], trained_eps: float | None =
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class VerificationTask:
+    """How the cascade runs on one kind of input (the cascade itself is `run_verification`): move a
+    batch to the device, its logits, the attack (an upper bound of robust accuracy), and the margin
+    lower bounds of a sub-batch by one method."""
+
+    #: what the result tables call the set's size and the attack
+    radius_name: str = "ε"
+    attack_name: str = "PGD"
+    #: the set's size (ε, budget) and norm, as `VerificationResult` records them
+    eps: float = math.nan
+    norm: Any = None
+
+    def inputs(self, batch: Sequence[Any], device: torch.device) -> tuple[Any, Tensor]:
+        return batch[0].to(device), batch[1].to(device).long()
+
+    def take(self, x: Any, idx: Tensor) -> Any:
+        return x[idx]
+
+    def logits(self, x: Any) -> Tensor:
+        raise NotImplementedError
+
+    def attack(self, x: Any, y: Tensor) -> Optional[Tensor]:
+        """Boolean (B,) per clean-correct example: the attack found nothing (None: no attack runs)."""
+        return None
+
+    def exact(self) -> bool:
+        """The set is the clean input alone: the clean margins are the exact bounds."""
+        return False
+
+    def bounds(self, x: Any, y: Tensor, method: str, num_classes: int,
+               optimize_bound_args: Mapping[str, Any] | None) -> Tensor:
+        raise NotImplementedError
+
+    def attack_label(self) -> str:
+        return self.attack_name
+
+    def describe(self) -> dict[str, Any]:
+        """What the result's ``info`` records about the set and the attack."""
+        return {}
+
+
+class InputSetTask(VerificationTask):
+    """A perturbation set around the input tensor of ``model`` (Lp balls, L0 budgets ...); PGD
+    attacks Lp balls of one radius in L∞ / L2 (any other set is bounded but not attacked: its
+    attack column is then the clean one)."""
+
+    def __init__(self, model: nn.Module, perturbation: Perturbation, pgd_steps: int = 20, pgd_restarts: int = 1,
+                 pgd_step_size: float | None = None, bound_opts: Mapping[str, Any] | None = None):
+        if not isinstance(perturbation, Perturbation):
+            raise ValueError("perturbation must be a certtrain.bounds.Perturbation (e.g. PerturbationLpNorm, or "
+                             f"ThreatModel.at(eps)), got {type(perturbation).__name__}")
+        if int(pgd_steps) < 0 or int(pgd_restarts) < 1:
+            raise ValueError(f"need pgd_steps >= 0 and pgd_restarts >= 1, got {pgd_steps}, {pgd_restarts}")
+        lp = isinstance(perturbation, PerturbationLpNorm) and not (
+            isinstance(perturbation.eps, Tensor) and perturbation.eps.numel() > 1)
+        self.lp = lp
+        self.eps = float(perturbation.eps) if lp else math.nan
+        self.norm = perturbation.norm if lp else getattr(perturbation, "norm", None)
+        if lp and (not math.isfinite(self.eps) or self.eps < 0):
+            raise ValueError(f"eps must be a finite number >= 0, got {perturbation.eps!r}")
+        self.attackable = lp and self.norm in (math.inf, 2.0)
+        self.model, self.perturbation = model, perturbation
+        self.pgd_steps, self.pgd_restarts, self.pgd_step_size = int(pgd_steps), int(pgd_restarts), pgd_step_size
+        self.bound_opts = dict(bound_opts or {})
+        self.x_min = float(perturbation.x_L) if getattr(perturbation, "x_L", None) is not None else -math.inf
+        self.x_max = float(perturbation.x_U) if getattr(perturbation, "x_U", None) is not None else math.inf
+        self.bounded: BoundedModule | None = None
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def attack(self, x: Tensor, y: Tensor) -> Optional[Tensor]:
+        if not (self.attackable and self.eps > 0 and self.pgd_steps > 0):
+            return None
+        return pgd_accuracy(self.model, x, y, self.eps, norm=self.norm, steps=self.pgd_steps,
+                            step_size=self.pgd_step_size, restarts=self.pgd_restarts, x_min=self.x_min,
+                            x_max=self.x_max)
+
+    def exact(self) -> bool:
+        return self.lp and self.eps == 0
+
+    def bounds(self, x, y, method, num_classes, optimize_bound_args):
+        if self.bounded is None:
+            self.bounded = BoundedModule(self.model, x[:1], bound_opts=self.bound_opts)
+        return margin_lower_bounds(self.bounded, x, y, self.perturbation, method, num_classes, optimize_bound_args)
+
+    def attack_label(self) -> str:
+        rs = "restart" if self.pgd_restarts == 1 else "restarts"
+        return f"PGD ({self.pgd_steps} steps, {self.pgd_restarts} {rs})"
 
 
 def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturbation: PerturbationLpNorm,
@@ -459,6 +564,22 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
     ``device``: auto / cpu / cuda[:N] (default: where the model is).  ``seed``: seeds PGD's random
     starts (None: leave the RNG alone).
     """
+    task = InputSetTask(model, perturbation, pgd_steps, pgd_restarts, pgd_step_size, bound_opts)
+    return run_verification(task, model, loader, methods, num_classes=num_classes, alone=alone, device=device,
+                            method_batch_size=method_batch_size, max_samples=max_samples, time_limit=time_limit,
+                            optimize_bound_args=optimize_bound_args, seed=seed, progress=progress, desc=desc,
+                            pgd_steps=pgd_steps, pgd_restarts=pgd_restarts)
+
+
+def run_verification(task: VerificationTask, model: nn.Module, loader: Iterable[Sequence[Any]],
+                     methods: Sequence[str] = METHODS, *, num_classes: int | None = None,
+                     alone: bool | Sequence[str] = True, device: str | torch.device | None = None,
+                     method_batch_size: Mapping[str, int] | None = None, max_samples: Mapping[str, int] | None = None,
+                     time_limit: Mapping[str, float] | None = None, optimize_bound_args: Mapping[str, Any] | None = None,
+                     seed: int | None = 0, progress: bool = True, desc: str = "verify", pgd_steps: int = 0,
+                     pgd_restarts: int = 1) -> VerificationResult:
+    """The cascade of the module docstring over ``loader`` for any `VerificationTask` (``model``: the
+    module the task runs, moved to the device and put in eval mode for the run)."""
     methods = parse_methods(methods)
     if alone is True or alone is False or alone is None:
         alone_m = list(methods) if alone else []
@@ -472,33 +593,16 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
     max_n = parse_method_options("max_samples", max_samples, integer=True, minimum=0, methods=methods)
     max_t = parse_method_options("time_limit", time_limit, integer=False, minimum=0, methods=methods)
     alpha_args = parse_alpha_crown_options(optimize_bound_args)
-    if not isinstance(perturbation, Perturbation):
-        raise ValueError("perturbation must be a certtrain.bounds.Perturbation (e.g. PerturbationLpNorm, or "
-                         f"ThreatModel.at(eps)), got {type(perturbation).__name__}")
-    # PGD attacks Lp balls of one radius in L∞ / L2; any other set is bounded but not attacked
-    # (its PGD column is then the clean one: an upper bound that says nothing more).
-    lp = isinstance(perturbation, PerturbationLpNorm) and not (
-        isinstance(perturbation.eps, Tensor) and perturbation.eps.numel() > 1)
-    eps = float(perturbation.eps) if lp else math.nan
-    norm = perturbation.norm if lp else None
-    if lp and (not math.isfinite(eps) or eps < 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {perturbation.eps!r}")
-    attackable = lp and norm in (math.inf, 2.0)
-    if int(pgd_steps) < 0 or int(pgd_restarts) < 1:
-        raise ValueError(f"need pgd_steps >= 0 and pgd_restarts >= 1, got {pgd_steps}, {pgd_restarts}")
     if device is None:
         p = next(iter(model.parameters()), None)
         dev = p.device if p is not None else torch.device("cpu")
     else:
         dev = resolve_device(device)
-    x_min = float(perturbation.x_L) if getattr(perturbation, "x_L", None) is not None else -math.inf
-    x_max = float(perturbation.x_U) if getattr(perturbation, "x_U", None) is not None else math.inf
     if seed is not None:
         torch.manual_seed(int(seed))
 
     was_training = model.training
     model = model.to(dev).eval()
-    bounded: BoundedModule | None = None
     times = {"clean": 0.0, "pgd": 0.0, **{f"cascade:{m}": 0.0 for m in methods},
              **{f"alone:{m}": 0.0 for m in alone_m}}
     used = {k: 0 for k in times}  # samples each stage / alone run has bounded so far
@@ -526,7 +630,7 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
         _sync(dev)
         return out, time.perf_counter() - t0
 
-    def bound(key: str, m: str, x: Tensor, y: Tensor, idx: Tensor, K: int,
+    def bound(key: str, m: str, x: Any, y: Tensor, idx: Tensor, K: int,
               sec: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """Margin minima by m on the samples idx of the batch, in sub-batches, within m's limits.
 
@@ -541,7 +645,7 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
             if room <= 0 or (m in max_t and times[key] >= max_t[m]):
                 break
             sub = idx[start:start + min(bs, room)]
-            lb, t = timed(lambda: margin_lower_bounds(bounded, x[sub], y[sub], perturbation, m, K, alpha_args))
+            lb, t = timed(lambda: task.bounds(task.take(x, sub), y[sub], m, K, alpha_args))
             mins.append(lb.min(1).values.double().cpu())
             times[key] += t
             used[key] += len(sub)
@@ -553,11 +657,11 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
 
     try:
         for batch in bar:
-            x, y = batch[0].to(dev), batch[1].to(dev).long()
+            x, y = task.inputs(batch, dev)
             B = len(y)
             sec = torch.zeros(B, dtype=torch.float64)
             with torch.no_grad():
-                logits, t = timed(lambda: model(x))
+                logits, t = timed(lambda: task.logits(x))
             K = int(num_classes) if num_classes is not None else int(logits.shape[1])
             times["clean"] += t
             sec += t / B
@@ -565,17 +669,16 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
             clean = pred == y
             robust = clean.clone()
             ci = clean.nonzero().flatten()
-            if attackable and eps > 0 and len(ci) and pgd_steps > 0:
-                ok, t = timed(lambda: pgd_accuracy(model, x[ci], y[ci], eps, norm=norm, steps=int(pgd_steps),
-                                                   step_size=pgd_step_size, restarts=int(pgd_restarts),
-                                                   x_min=x_min, x_max=x_max))
-                robust[ci] = ok
-                times["pgd"] += t
-                sec[ci.cpu()] += t / len(ci)
+            if len(ci) and not task.exact():
+                ok, t = timed(lambda: task.attack(task.take(x, ci), y[ci]))
+                if ok is not None:
+                    robust[ci] = ok
+                    times["pgd"] += t
+                    sec[ci.cpu()] += t / len(ci)
             batch_lb = {m: torch.full((B,), math.nan, dtype=torch.float64) for m in methods}
             by = [""] * B
             skipped: list[list[str]] = [[] for _ in range(B)]
-            if lp and eps == 0:  # the ball is the point itself: the margins are exact
+            if task.exact():  # the set is the point itself: the margins are exact
                 true = (logits.gather(1, y[:, None]) - logits).masked_fill(
                     torch.nn.functional.one_hot(y, K).bool(), math.inf).min(1).values.double().cpu()
                 for m in methods:
@@ -587,8 +690,6 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
                 cascade_in[methods[0]] += int(clean.sum())
                 cascade_ver[methods[0]] += int(clean.sum())
             else:
-                if bounded is None:
-                    bounded = BoundedModule(model, x[:1], bound_opts=dict(bound_opts or {}))
                 # the cascade: clean-correct, PGD-robust, not yet verified
                 todo = robust.nonzero().flatten()
                 for m in methods:
@@ -633,7 +734,8 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
             n_pgd += int(robust.sum())
             n_ver += sum(1 for b in by if b)
             if tqdm is not None and hasattr(bar, "set_postfix"):
-                bar.set_postfix(clean=f"{100 * n_clean / n_seen:.1f}%", pgd=f"{100 * n_pgd / n_seen:.1f}%",
+                bar.set_postfix(clean=f"{100 * n_clean / n_seen:.1f}%",
+                                **{task.attack_name.lower(): f"{100 * n_pgd / n_seen:.1f}%"},
                                 verified=f"{100 * n_ver / n_seen:.1f}%")
     finally:
         if hasattr(bar, "close"):
@@ -643,7 +745,7 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
     cat = lambda v, dtype: torch.cat(v) if v else torch.zeros(0, dtype=dtype)  # noqa: E731
     label = cat(cols["label"], torch.long)
     return VerificationResult(
-        methods=methods, eps=eps, norm=norm, pgd_steps=int(pgd_steps), pgd_restarts=int(pgd_restarts),
+        methods=methods, eps=task.eps, norm=task.norm, pgd_steps=int(pgd_steps), pgd_restarts=int(pgd_restarts),
         index=torch.arange(len(label)), label=label, pred=cat(cols["pred"], torch.long),
         clean_correct=cat(cols["clean"], torch.bool), pgd_robust=cat(cols["pgd"], torch.bool),
         verified_by=[b for bs in cols["by"] for b in bs],
@@ -651,10 +753,12 @@ def verify_dataset(model: nn.Module, loader: Iterable[Sequence[Tensor]], perturb
         alone_verified={m: cat(v, torch.bool) for m, v in alone_v.items()},
         seconds=cat(cols["seconds"], torch.float64), time=times, cascade_in=cascade_in,
         cascade_verified=cascade_ver,
-        info={"device": str(dev), **({"alpha_crown": alpha_args} if "alpha-CROWN" in methods else {})},
+        info={"device": str(dev), **task.describe(),
+              **({"alpha_crown": alpha_args} if "alpha-CROWN" in methods else {})},
         skipped_by=[s for ss in cols["skipped"] for s in ss],
         alone_attempted={m: cat(v, torch.bool) for m, v in alone_att.items()}, cascade_skipped=cascade_skip,
-        limits={"method_batch_size": batch_of, "max_samples": max_n, "time_limit": max_t})
+        limits={"method_batch_size": batch_of, "max_samples": max_n, "time_limit": max_t},
+        attack=task.attack_label(), radius_name=task.radius_name, attack_name=task.attack_name)
 
 
 def load_for_verification(ckpt_path: str | os.PathLike, *, subset: int | None = None, batch_size: int | None = None,

@@ -13,11 +13,11 @@ from .methods import (CHEAP_METHODS, METHOD_NAMES, AlphaCROWN, BoundMethod, CROW
                       check_alpha_opts, resolve_method)
 from .ops import OPS, BoundOp, LinearOp, UnsupportedOperation, Value, register_op
 from .patches import Patches
-from .perturbations import Perturbation, PerturbationL0Norm, PerturbationLpNorm
+from .perturbations import Perturbation, PerturbationL0Norm, PerturbationLpNorm, PerturbationSynonym
 from .state import BoundState
 from .tensor import BoundedParameter, BoundedTensor
 
-__all__ = ["BoundedModule", "BoundedTensor", "BoundedParameter", "BoundState", "BoundNode", "Perturbation", "PerturbationLpNorm", "PerturbationL0Norm",
+__all__ = ["BoundedModule", "BoundedTensor", "BoundedParameter", "BoundState", "BoundNode", "Perturbation", "PerturbationLpNorm", "PerturbationL0Norm", "PerturbationSynonym",
            "Patches", "BoundOp", "LinearOp", "Value", "OPS", "register_op", "UnsupportedOperation",
            "TraceError", "DEFAULT_OPTS", "check_bound_opts", "BoundMethod", "IBP", "CROWNIBP", "CROWN",
            "AlphaCROWN", "METHOD_NAMES", "CHEAP_METHODS", "resolve_method", "check_alpha_opts"]

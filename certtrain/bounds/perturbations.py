@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .patches import LinearA, a_dot, a_flat, a_map, to_dense
-from .set_image import L0Image, LpImage, SetImage
+from .set_image import L0Image, LpImage, SetImage, SynonymImage
 
 Number = Union[float, int]
 
@@ -192,3 +192,104 @@ class PerturbationL0Norm(Perturbation):
         if sign > 0:  # the k largest increases
             return base + torch.maximum(a * up, a * dn).topk(k, dim=-1).values.sum(-1)
         return base - (-torch.minimum(a * up, a * dn)).topk(k, dim=-1).values.sum(-1)
+
+
+class PerturbationSynonym(Perturbation):
+    """Word substitutions (Jia et al. 2019; Xu et al. 2020, auto_LiRPA's ``PerturbationSynonym``):
+    the input is a sentence's embeddings x0 (B, T, D); the set holds every sentence in which at most
+    ``budget`` positions t take the embedding of one of their candidate words instead of x0[:, t].
+
+    ``candidates`` (B, T, K, D): the candidates' embeddings; ``candidate_mask`` (B, T, K) marks the
+    real ones (default all).  A position without candidates (padding, unknown or stop words) never
+    changes.  ``eps`` in [0, 1] moves every candidate towards the original word,
+    ``x0 + eps (c - x0)``: a ramp for the training loss only (``certifies`` is False below 1, and
+    verification refuses such a set).
+
+    IBP starts from the box of the candidates at every position, budget-free (loose but valid); a
+    Linear applied per token bounds the set itself (`set_image.SynonymImage`).  CROWN's
+    concretization is exact for the budget (see `concretize`).
+    """
+
+    def __init__(self, budget: int, candidates: Tensor, candidate_mask: Optional[Tensor] = None,
+                 eps: Union[float, int] = 1.0):
+        if isinstance(budget, bool) or not float(budget).is_integer() or budget < 0:
+            raise ValueError(f"PerturbationSynonym: budget is a number of substituted words, an integer >= 0; "
+                             f"got {budget!r}")
+        if not isinstance(candidates, Tensor) or candidates.dim() != 4:
+            raise ValueError("PerturbationSynonym: candidates must be a tensor (batch, positions, K, embedding dim), "
+                             f"got {tuple(candidates.shape) if isinstance(candidates, Tensor) else type(candidates).__name__}")
+        e = float(eps)
+        if not 0.0 <= e <= 1.0:
+            raise ValueError(f"PerturbationSynonym: eps interpolates candidates towards the original word and must "
+                             f"lie in [0, 1], got {eps!r}")
+        self.budget, self.candidates, self.candidate_mask, self.eps = int(budget), candidates, candidate_mask, e
+        self.norm = "synonym"
+
+    @property
+    def certifies(self) -> bool:
+        """Whether the set is the real one (no ramp): only then may its bounds certify anything."""
+        return self.eps == 1.0
+
+    def __repr__(self) -> str:
+        B, T, K, D = self.candidates.shape
+        ramp = f", eps={self.eps:g}" if self.eps != 1.0 else ""
+        return f"PerturbationSynonym(budget={self.budget}, candidates=({B}, {T}, {K}, {D}){ramp})"
+
+    def validate(self, x0: Tensor) -> None:
+        c, m = self.candidates, self.candidate_mask
+        if x0.dim() != 3:
+            raise ValueError(f"PerturbationSynonym: the input must be embeddings (batch, positions, dim), got shape "
+                             f"{tuple(x0.shape)}")
+        if tuple(c.shape[:2]) != tuple(x0.shape[:2]) or c.shape[3] != x0.shape[2]:
+            raise ValueError(f"PerturbationSynonym: candidates of shape {tuple(c.shape)} do not fit the input "
+                             f"{tuple(x0.shape)}: need ({x0.shape[0]}, {x0.shape[1]}, K, {x0.shape[2]})")
+        if m is not None and (not isinstance(m, Tensor) or tuple(m.shape) != tuple(c.shape[:3])):
+            raise ValueError(f"PerturbationSynonym: candidate_mask must have shape {tuple(c.shape[:3])}, got "
+                             f"{tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__}")
+        if c.dtype != x0.dtype or c.device != x0.device:
+            raise ValueError(f"PerturbationSynonym: candidates are {c.dtype} on {c.device} but the input is "
+                             f"{x0.dtype} on {x0.device}")
+        valid = c if m is None else c[m.bool()]
+        if not torch.isfinite(valid).all():
+            raise ValueError("PerturbationSynonym: candidate embeddings contain NaN or inf")
+
+    def moves(self, x0: Tensor) -> Tensor:
+        """(B, T, K, D): candidate minus original embedding (times ``eps``); 0 for a missing candidate,
+        which is then the same as keeping the word."""
+        d = (self.candidates - x0.unsqueeze(2)) * self.eps
+        if self.candidate_mask is not None:
+            d = d * self.candidate_mask.unsqueeze(-1).to(d.dtype)
+        return d
+
+    def interval(self, x0: Tensor) -> tuple[Tensor, Tensor]:
+        if self.budget == 0:
+            return x0, x0
+        d = self.moves(x0)
+        # keeping the word is always allowed: the box holds x0 and every candidate
+        return x0 + d.min(2).values.clamp(max=0), x0 + d.max(2).values.clamp(min=0)
+
+    def image(self, x0: Tensor) -> Optional[SetImage]:
+        return SynonymImage(x0, self.moves(x0), self.budget)
+
+    def concretize(self, x0: Tensor, A: LinearA, sign: int) -> Tensor:
+        """min (sign -1) / max (sign +1) of ``A x`` over the set, exactly.
+
+        ``A x = A x0 + sum_t A_t (x_t - x0_t)`` is separable over positions, so the dynamic program
+        over positions and spent budget (Xu et al. 2020, App. A.1) has a closed form: position t
+        offers its best change g_t = min(0, min_k A_t d_tk) (keeping the word gives 0), and the
+        optimum takes the ``budget`` most negative g_t (largest, for the maximum)."""
+        A = to_dense(A)
+        B, N = A.shape[:2]
+        if tuple(A.shape[2:]) != tuple(x0.shape[1:]):
+            raise ValueError(f"PerturbationSynonym: coefficients of shape {tuple(A.shape)} for an input of shape "
+                             f"{tuple(x0.shape)}")
+        base = torch.einsum("bntd,btd->bn", A, x0)
+        k = min(self.budget, x0.shape[1])
+        if k == 0:
+            return base
+        g = torch.einsum("bntd,btkd->bntk", A, self.moves(x0))  # (B, N, T, K)
+        if sign > 0:
+            best = g.max(-1).values.clamp(min=0)
+            return base + best.topk(k, dim=-1).values.sum(-1)
+        best = g.min(-1).values.clamp(max=0)
+        return base - (-best).topk(k, dim=-1).values.sum(-1)

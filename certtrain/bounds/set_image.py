@@ -139,3 +139,31 @@ class L0Image(SetImage):
             dec[:, s:s + rows] = -_topk_sum(-torch.minimum(a, d), self.k, dim=2)
         shape = c.shape
         return c + dec.view(shape), c + inc.view(shape)
+
+
+class SynonymImage(SetImage):
+    """Word substitutions (`PerturbationSynonym`) as they reach a node of shape (B, T, D): x0 and
+    each position's moves ``d`` (B, T, K, D) (candidate minus x0; 0 stands for "no candidate").
+
+    A Linear on the last dimension maps each position on its own, so every output element
+    depends on one position only and its interval over the set is the min / max over keeping
+    the word and each candidate, exact for any budget >= 1 (the box of the candidates is looser:
+    it mixes coordinates of different candidates)."""
+
+    def __init__(self, x0: Tensor, moves: Tensor, budget: int):
+        self.x0, self.moves, self.budget = x0, moves, budget
+
+    def affine(self, scale, shift):
+        if self.x0.dim() != 3:
+            return None
+        s = torch.broadcast_to(torch.as_tensor(scale, dtype=self.x0.dtype, device=self.x0.device), self.x0.shape)
+        return SynonymImage(self.x0 * scale + shift, self.moves * s.unsqueeze(2), self.budget)
+
+    def linear(self, w, b):
+        if w.dim() != 2 or self.x0.dim() != 3:
+            return None
+        c = F.linear(self.x0, w, b)                       # (B, T, O)
+        if self.budget == 0:
+            return c, c
+        g = F.linear(self.moves, w)                       # (B, T, K, O)
+        return c + g.min(2).values.clamp(max=0), c + g.max(2).values.clamp(min=0)

@@ -31,6 +31,23 @@ def _full(c, A, like: Tensor) -> Tensor:
     return c.expand(*shape).unsqueeze(0)
 
 
+def _affine_image(x, scale, shift):
+    """The set image of ``x`` through ``x * scale + shift`` (constants), when the result keeps x's
+    shape (broadcasting x up would copy coordinates, which a set of independent coordinates cannot
+    express: an L0 budget counts each original coordinate once)."""
+    if x.image is None:
+        return None
+    ref = x.value
+    scale = torch.as_tensor(scale, dtype=ref.dtype, device=ref.device)
+    shift = torch.as_tensor(shift, dtype=ref.dtype, device=ref.device)
+    try:
+        if torch.broadcast_shapes(ref.shape, scale.shape, shift.shape) != ref.shape:
+            return None
+    except RuntimeError:
+        return None
+    return x.image.affine(scale, shift)
+
+
 def _scale_rows(A, c, like):
     c = torch.as_tensor(c, dtype=like.dtype, device=like.device)
     if c.dim() == 0:
@@ -52,6 +69,14 @@ class _AddSub(LinearOp):
         if self.sign > 0:
             return al + bl, au + bu
         return al - bu, au - bl
+
+    def ibp_image(self, a, b, *rest, **kw):
+        """x ± c and c ± x keep the set's form (e.g. positional embeddings, a normalization mean)."""
+        if is_perturbed(a) == is_perturbed(b) or kw.get("alpha", rest[0] if rest else 1) != 1:
+            return None
+        if is_perturbed(a):
+            return _affine_image(a, 1.0, self.sign * const(b))
+        return _affine_image(b, self.sign, const(a))
 
     def backward_one(self, A, a, b, *rest, **kw):
         out, bias = [], 0
@@ -99,6 +124,14 @@ class _Scale(LinearOp):
         l, u = x.bounds
         lo, up = (l / c, u / c) if self.divide else (l * c, u * c)
         return torch.minimum(lo, up), torch.maximum(lo, up)
+
+    def ibp_image(self, a, b, *rest, **kw):
+        """x * c and x / c keep the set's form (e.g. a normalization's division by std)."""
+        if is_perturbed(a) == is_perturbed(b) or (self.divide and is_perturbed(b)):
+            return None
+        x, c = self._split(a, b)
+        c = torch.as_tensor(c, dtype=x.value.dtype, device=x.value.device)
+        return _affine_image(x, 1.0 / c if self.divide else c, 0.0)
 
     def backward_one(self, A, a, b, *rest, **kw):
         x, c = self._split(a, b)
