@@ -34,18 +34,28 @@ def check_config(cfg: DictConfig) -> None:
 def format_table(results: dict[str, float], cfg: DictConfig, n_test: int | None, ckpt: str | None) -> str:
     """Markdown table of the test metrics at the evaluation ε."""
     from certtrain.methods import method_name
-    from certtrain.threat import parse_norm
+    from certtrain.threat import build_threat, parse_norm
 
-    norm = parse_norm(cfg.perturbation.norm)
-    eps = cfg.perturbation.eval_eps if cfg.perturbation.get("eval_eps") is not None else cfg.perturbation.eps
-    name = "L∞" if norm == math.inf else f"L{int(norm)}"
+    from omegaconf import OmegaConf
+
+    threat = build_threat(OmegaConf.to_container(cfg.perturbation, resolve=True))
+    if threat.input_kind == "text":
+        where = f"word substitutions, budget = {threat.budget}"
+        attack = f"word-substitution attack ({'greedy' if threat.beam == 1 else f'beam {threat.beam}'})"
+        unit = "sentences"
+    else:
+        norm = parse_norm(cfg.perturbation.norm)
+        eps = cfg.perturbation.eval_eps if cfg.perturbation.get("eval_eps") is not None else cfg.perturbation.eps
+        where = f"{'L∞' if norm == math.inf else f'L{int(norm)}'} ε = {float(eps):.4g}"
+        attack = f"PGD ({cfg.eval.pgd_steps} steps, {cfg.eval.pgd_restarts} restart(s))"
+        unit = "images"
     rows = [("clean", "test/clean_acc"),
-            (f"PGD ({cfg.eval.pgd_steps} steps, {cfg.eval.pgd_restarts} restart(s))", "test/pgd_acc"),
+            (attack, "test/pgd_acc"),
             ("verified: IBP", "test/verified_acc_ibp"),
             ("verified: CROWN-IBP", "test/verified_acc_crown_ibp"),
             ("verified: CROWN", "test/verified_acc_crown"),
             ("verified: best of the above", "test/verified_acc")]
-    lines = [f"Test set ({n_test if n_test is not None else '?'} images), {name} ε = {float(eps):.4g}, "
+    lines = [f"Test set ({n_test if n_test is not None else '?'} {unit}), {where}, "
              f"{cfg.dataset._target_.rsplit('.', 1)[-1]} / {cfg.model._target_.rsplit('.', 1)[-1]} / "
              f"{method_name(cfg.method)}", "", "| metric | accuracy (%) |", "|---|---:|"]
     for label, key in rows:

@@ -33,6 +33,13 @@ CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 #: curve.eps=auto with a single eps: these multiples of it
 AUTO_CURVE = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 PLOT_NAME = "accuracy_vs_eps.png"
+BUDGET_PLOT_NAME = "accuracy_vs_budget.png"
+#: methods=null: the cascade for images; text (word substitutions): the cheap stages (CROWN through
+#: attention costs seconds per sentence on a CPU; ask for it with methods=[IBP,CROWN-IBP,CROWN])
+DEFAULT_METHODS = ["IBP", "CROWN-IBP", "CROWN", "alpha-CROWN"]
+TEXT_METHODS = ["IBP", "CROWN-IBP"]
+#: word substitutions: the budgets verified when budget=null
+DEFAULT_BUDGETS = [1, 2, 3, 4, 5, 6]
 
 
 def _pick(value: Any, default: Any) -> Any:
@@ -62,6 +69,22 @@ def eps_list(name: str, value: Any) -> list[float] | None:
             raise ValueError(f"{name} lists {v:g} more than once")
         out.append(e)
     return sorted(out)
+
+
+def budget_list(value: Any) -> list[int] | None:
+    """A budget or a list of budgets (words substituted) → distinct integers >= 0, ascending; None stays None."""
+    from certtrain.threat import check_budget
+
+    value = _plain(value)
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError("budget is an empty list; give one budget (budget=3) or several (budget=[1,2,3])")
+    out = sorted({check_budget("budget", v) for v in items})
+    if len(out) != len(items):
+        raise ValueError(f"budget lists a value more than once: {value!r}")
+    return out
 
 
 def _int_option(key: str, v: Any, low: int) -> None:
@@ -96,9 +119,11 @@ def check_options(cfg: DictConfig) -> dict[str, Any]:
 
     if not cfg.get("ckpt"):
         raise ValueError("no checkpoint given: python verify.py ckpt=PATH")
-    methods = cfg.methods if cfg.methods is not None else []
+    methods = cfg.methods if cfg.methods is not None else DEFAULT_METHODS
     methods = parse_methods(list(methods) if isinstance(methods, (list, ListConfig)) else str(methods))
     eps = eps_list("eps", cfg.eps)
+    budget = budget_list(cfg.get("budget"))
+    _int_option("beam", cfg.get("beam"), 1)
     if cfg.norm is not None:
         parse_norm(cfg.norm)
     for key, low in (("pgd_steps", 0), ("pgd_restarts", 1), ("batch_size", 1), ("subset", 1)):
@@ -135,7 +160,7 @@ def check_options(cfg: DictConfig) -> dict[str, Any]:
     _int_option("curve.pgd_steps", curve.get("pgd_steps"), 0)
     _int_option("curve.pgd_restarts", curve.get("pgd_restarts"), 1)
     check_engine_supports(methods, alpha)
-    return {"methods": methods, "eps": eps, "alone": alone, "limits": limits, "alpha_crown": alpha,
+    return {"methods": methods, "eps": eps, "budget": budget, "alone": alone, "limits": limits, "alpha_crown": alpha,
             "curve_eps": c_eps, "curve_methods": c_methods,
             "curve_pgd": (curve.get("pgd_steps"), curve.get("pgd_restarts"))}
 
@@ -154,13 +179,19 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     module, datamodule, config = load_for_verification(cfg.ckpt, subset=cfg.subset, batch_size=cfg.batch_size,
                                                        data_dir=cfg.data_dir)
     p, e = config.get("perturbation", {}), config.get("eval", {})
+    threat = build_threat(p)
+    if threat.input_kind == "text":
+        return _prepare_text(cfg, opts, module, datamodule, config, threat, device)
+    if opts["budget"] is not None or cfg.get("beam") is not None:
+        raise ValueError("budget= and beam= are for word-substitution checkpoints; this one was trained against "
+                         f"{threat!r}: give eps=")
     eps = opts["eps"]
     if eps is None:
         default = _pick(p.get("eval_eps"), p.get("eps"))
         if default is None:
             raise ValueError("the checkpoint has no perturbation.eps: give eps=")
         eps = eps_list("eps (the checkpoint's perturbation.eval_eps / eps)", default)
-    threat = build_threat(p)  # the checkpoint's threat model (certtrain.threat), at the ε asked for
+    # the checkpoint's threat model (certtrain.threat), at the ε asked for
     if cfg.norm is not None:  # another norm of the same ball family
         threat = LpBall(norm=cfg.norm, eps=threat.eps, eval_eps=threat.eval_eps, x_L=threat.x_L, x_U=threat.x_U)
     norm = getattr(threat, "norm", None)
@@ -186,6 +217,28 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
             "trained_eps": p.get("eps")}
 
 
+def _prepare_text(cfg: DictConfig, opts: dict[str, Any], module: Any, datamodule: Any, config: dict[str, Any],
+                  threat: Any, device: Any) -> dict[str, Any]:
+    """The budgets (words substituted) of a word-substitution checkpoint; ValueError for image-only options."""
+    for key in ("eps", "norm", "pgd_steps", "pgd_restarts", "pgd_step_size"):
+        if cfg.get(key) is not None:
+            raise ValueError(f"{key}= is for image checkpoints; this one was trained against word substitutions "
+                             f"({threat!r}): give budget= (e.g. budget=[1,2,3]) and beam= (the attack's beam width)")
+    budgets = opts["budget"] or DEFAULT_BUDGETS
+    methods = opts["methods"] if cfg.methods is not None else TEXT_METHODS
+    beam = int(_pick(cfg.get("beam"), threat.beam))
+    alone = opts["alone"]
+    if isinstance(alone, list):
+        alone = [m for m in alone if m in methods]
+    points = [{"eps": float(b), "methods": methods, "alone": alone, "pgd_steps": 0, "pgd_restarts": 1,
+               "kind": "full"} for b in budgets]
+    return {"module": module, "datamodule": datamodule, "config": config, "methods": methods, "curve_methods": methods,
+            "device": device, "norm": "synonym", "threat": threat, "points": points, "limits": opts["limits"],
+            "alpha_crown": opts["alpha_crown"], "perturbation": None, "pgd_steps": 0, "pgd_restarts": 1,
+            "pgd_step_size": None, "trained_eps": threat.budget, "text": True, "beam": beam,
+            "max_budget": max(budgets)}
+
+
 def output_dir(cfg: DictConfig) -> Path:
     """``out``, except in a -m sweep without an explicit out=: the job's own subdirectory."""
     try:
@@ -207,41 +260,59 @@ def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, An
 
     prepared = prepare(cfg) if prepared is None else prepared
     module, dm, config = prepared["module"], prepared["datamodule"], prepared["config"]
+    text = prepared.get("text", False)
     loader = dm.test_dataloader()
     limits = prepared["limits"]
+    cache = None
+    if text:
+        from certtrain.text_verification import AttackCache, verify_text_dataset
+
+        cache = AttackCache(prepared["max_budget"], prepared["beam"])  # one search serves every budget
     t0 = time.perf_counter()
     results, kinds = [], []
     for pt in prepared["points"]:
         ms = pt["methods"]
         lim = {k: {m: v for m, v in d.items() if m in ms} for k, d in limits.items()}
-        res = verify_dataset(module.net, loader, prepared["threat"].at(pt["eps"]), ms,
-                             num_classes=module.num_classes, pgd_steps=pt["pgd_steps"],
-                             pgd_restarts=pt["pgd_restarts"], pgd_step_size=prepared["pgd_step_size"],
-                             alone=pt["alone"], device=prepared["device"], bound_opts=module.evaluation.bound_opts,
-                             optimize_bound_args=prepared["alpha_crown"], seed=cfg.seed,
-                             progress=bool(cfg.progress), desc=f"ε={pt['eps']:g}", **lim)
+        common = dict(num_classes=module.num_classes, alone=pt["alone"], device=prepared["device"],
+                      bound_opts=module.evaluation.bound_opts, optimize_bound_args=prepared["alpha_crown"],
+                      seed=cfg.seed, progress=bool(cfg.progress), **lim)
+        if text:
+            res = verify_text_dataset(module.net, loader, int(pt["eps"]), ms, beam=prepared["beam"], cache=cache,
+                                      desc=f"budget={int(pt['eps'])}", **common)
+        else:
+            res = verify_dataset(module.net, loader, prepared["threat"].at(pt["eps"]), ms, pgd_steps=pt["pgd_steps"],
+                                 pgd_restarts=pt["pgd_restarts"], pgd_step_size=prepared["pgd_step_size"],
+                                 desc=f"ε={pt['eps']:g}", **common)
         results.append(res)
         kinds.append(pt["kind"])
     total = time.perf_counter() - t0
 
     first = results[0]
-    norm = "L∞" if first.norm == math.inf else (f"L{int(first.norm)}" if first.norm else str(prepared["threat"]))
+    if text:
+        norm = f"word substitutions (attack: {first._pgd_label()})"
+    else:
+        norm = "L∞" if first.norm == math.inf else (f"L{int(first.norm)}" if first.norm else str(prepared["threat"]))
     ds = config["dataset"]["_target_"].rsplit(".", 1)[-1]
     ds_short = ds.removesuffix("DataModule") or ds
     model = config["model"]["_target_"].rsplit(".", 1)[-1]
     method = method_name(config.get("method", {}))
     trained = prepared.get("trained_eps")
-    trained_txt = f" (trained at ε = {trained:g})" if isinstance(trained, (int, float)) else ""
-    title = (f"Verification of {cfg.ckpt}\n\nTest set ({first.n} images), {norm}, {ds} / {model} / {method}"
+    radius = first.radius_name
+    trained_txt = f" (trained at {radius} = {trained:g})" if isinstance(trained, (int, float)) else ""
+    title = (f"Verification of {cfg.ckpt}\n\nTest set ({first.n} {'sentences' if text else 'images'}), {norm}, {ds} / {model} / {method}"
              f"{trained_txt}, device {first.info['device']}")
     cm = prepared["curve_methods"]
     curve = accuracy_curve(results, cm)
     blocks = [title]
     if len(results) > 1:
-        blocks.append("Accuracy against ε (verified: the cascade at that ε; the full one at "
-                      + ", ".join(f"{r.eps:g}" for r, k in zip(results, kinds) if k == "full")
-                      + f", {' → '.join(cm)} elsewhere)\n\n" + eps_table(results, trained))
-    details = [f"### ε = {r.eps:.4g}{' (curve point)' if k == 'curve' else ''}\n\n{r.to_markdown()}"
+        if text:
+            blocks.append(f"Accuracy against the budget (verified: the cascade {' → '.join(cm)})\n\n"
+                          + eps_table(results, trained))
+        else:
+            blocks.append("Accuracy against ε (verified: the cascade at that ε; the full one at "
+                          + ", ".join(f"{r.eps:g}" for r, k in zip(results, kinds) if k == "full")
+                          + f", {' → '.join(cm)} elsewhere)\n\n" + eps_table(results, trained))
+    details = [f"### {radius} = {r.eps:.4g}{' (curve point)' if k == 'curve' else ''}\n\n{r.to_markdown()}"
                for r, k in zip(results, kinds)]
     full_details = [d for d, k in zip(details, kinds) if k == "full"]
     out = output_dir(cfg)
@@ -252,10 +323,12 @@ def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, An
         from certtrain.plots import plot_accuracy_vs_eps
 
         png = plot_accuracy_vs_eps(
-            curve, out / PLOT_NAME, curve_methods=cm, trained_eps=trained if isinstance(trained, (int, float)) else None,
-            norm=first.norm, title=f"{model} on {ds_short} ({first.n} test images), trained with {method}"
-                                   + (f" at ε = {trained:g}" if trained_txt else "")
-                                   + f"\n{norm}; full cascade: {' → '.join(prepared['methods'])}")
+            curve, out / (BUDGET_PLOT_NAME if text else PLOT_NAME), curve_methods=cm,
+            trained_eps=trained if isinstance(trained, (int, float)) else None, norm=first.norm,
+            xlabel="budget (words substituted by synonym candidates)" if text else None,
+            title=f"{model} on {ds_short} ({first.n} test {'sentences' if text else 'images'}), trained with {method}"
+                  + (f" at {radius} = {trained:g}" if trained_txt else "")
+                  + f"\n{norm}; full cascade: {' → '.join(prepared['methods'])}")
     text = "\n\n".join(blocks + details) + f"\n\ntotal: {total:.1f} s"
     (out / "summary.md").write_text(text + "\n")
     summary = {"ckpt": str(cfg.ckpt), "total_seconds": total, "trained_eps": trained,

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ATTACK_LOSSES", "SELECTIONS", "AttackConfig", "attack_loss", "eval_mode", "fgsm_attack", "pgd_accuracy",
-           "pgd_attack"]
+__all__ = ["ATTACK_LOSSES", "SELECTIONS", "AttackConfig", "attack_loss", "eval_mode", "fgsm_attack", "l0_accuracy",
+           "l0_attack", "pgd_accuracy", "pgd_attack", "per_example_logits", "weight_pgd_accuracy", "weight_pgd_attack"]
 
 ATTACK_LOSSES = ("ce", "margin")
 SELECTIONS = ("first_wrong", "max_loss", "last")
@@ -259,3 +259,176 @@ class AttackConfig:
             with eval_mode(model):
                 return pgd_attack(model, x, y, eps, **kwargs)
         return pgd_attack(model, x, y, eps, **kwargs)
+
+
+# ----------------------------------------------------------------------------- L0 and weight attacks
+class _Best:
+    """Per example, the first misclassified point seen, else the one of highest loss."""
+
+    def __init__(self, start: dict[str, Tensor], y: Tensor):
+        self.points = {n: t.detach().clone() for n, t in start.items()}
+        self.y = y
+        self.found = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+        self.loss = torch.full((len(y),), -math.inf, device=y.device)
+
+    def keep(self, points: dict[str, Tensor], logits: Tensor, value: Tensor) -> None:
+        with torch.no_grad():
+            wrong = logits.argmax(1) != self.y
+            take = (wrong & ~self.found) | (~self.found & ~wrong & (value.to(self.loss.dtype) > self.loss))
+            for n, t in points.items():
+                self.points[n][take] = t.detach()[take]
+            self.loss = torch.where(take, value.detach().to(self.loss.dtype), self.loss)
+            self.found |= wrong
+
+
+def _domain(v: Any, x: Tensor) -> Tensor:
+    return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand_as(x).reshape(x.shape[0], -1)
+
+
+def l0_attack(model: nn.Module, x: Tensor, y: Tensor, k: int, x_min: Any = 0.0, x_max: Any = 1.0, steps: int = 10,
+              restarts: int = 1, loss: str = "margin") -> Tensor:
+    """Inputs with at most ``k`` coordinates of each example changed, each within [x_min, x_max]
+    (scalars or tensors broadcastable to x), maximising ``loss``: the first misclassified iterate per
+    example, else the one of highest loss.
+
+    Each step moves to the maximiser over the L0 set of the loss linearised at the current point
+    (every coordinate at its better end of the domain, the k largest gains: exact for a linear
+    model).  The first restart picks its k coordinates greedily (in up to 8 rounds, the gradient
+    recomputed after each), later ones start from k random coordinates at random ends."""
+    if isinstance(k, bool) or not float(k).is_integer() or k < 0:
+        raise ValueError(f"k must be an integer >= 0 (coordinates changed), got {k!r}")
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"need steps >= 0 and restarts >= 1, got {steps}, {restarts}")
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; available: {', '.join(ATTACK_LOSSES)}")
+    with torch.inference_mode(False), torch.enable_grad():
+        x, y = x.detach().clone(), y.detach().clone()
+        lo, hi = _domain(x_min, x).clone(), _domain(x_max, x).clone()
+        x0 = x.reshape(x.shape[0], -1)
+        if bool((x0 < lo).any() or (x0 > hi).any()):
+            raise ValueError("l0_attack: the clean input lies outside [x_min, x_max]; give the data's own range")
+        k = min(int(k), x0.shape[1])
+        if k == 0 or steps == 0:
+            return x
+        best = _Best({"x": x0}, y)
+
+        def grad_at(point: Tensor) -> Tensor:
+            point = point.detach().requires_grad_(True)
+            logits = model(point.view_as(x))
+            value = attack_loss(logits, y, loss)
+            best.keep({"x": point}, logits, value)
+            return torch.autograd.grad(value.sum(), point)[0]
+
+        def move(g: Tensor, base: Tensor, m: int, blocked: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            """``base`` with the m coordinates of largest linearised gain (gradient g) at their better end."""
+            up, dn = g * (hi - base), g * (lo - base)
+            gain, to_hi = torch.maximum(up, dn), up >= dn
+            if blocked is not None:
+                gain = gain.masked_fill(blocked, -math.inf)
+            pick = gain.topk(m, dim=1).indices
+            return base.scatter(1, pick, torch.where(to_hi, hi, lo).gather(1, pick)), pick
+
+        for r in range(restarts):
+            if r == 0:  # greedy: a few coordinates per round
+                cur, chosen, done = x0.clone(), torch.zeros_like(x0, dtype=torch.bool), 0
+                rounds = min(k, 8)
+                for j in range(rounds):
+                    m = math.ceil((k - done) / (rounds - j))
+                    cur, pick = move(grad_at(cur), cur, m, chosen)
+                    chosen.scatter_(1, pick, True)
+                    done += m
+            else:
+                pick = torch.rand(x0.shape, device=x.device).argsort(1)[:, :k]
+                ends = torch.rand(pick.shape, device=x.device) > 0.5
+                cur = x0.scatter(1, pick, torch.where(ends, hi.gather(1, pick), lo.gather(1, pick)))
+            for _ in range(steps):
+                cur, _ = move(grad_at(cur), x0, k)
+            with torch.no_grad():
+                logits = model(cur.view_as(x))
+                best.keep({"x": cur}, logits, attack_loss(logits, y, loss))
+            if bool(best.found.all()):
+                break
+        return best.points["x"].view_as(x).detach()
+
+
+def l0_accuracy(model: nn.Module, x: Tensor, y: Tensor, k: int, **kwargs: Any) -> Tensor:
+    """Boolean (B,): correctly classified at the L0 attack's point (see :func:`l0_attack`)."""
+    x_adv = l0_attack(model, x, y, k, **kwargs)
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+def per_example_logits(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """Logits (B, K) of ``model`` on each example x[b] with the parameters ``params[name][b]`` (the
+    other parameters: the model's own), by ``torch.func.vmap``."""
+    from torch.func import functional_call, vmap
+
+    def one(p: dict[str, Tensor], xb: Tensor) -> Tensor:
+        return functional_call(model, p, (xb.unsqueeze(0),)).squeeze(0)
+
+    return vmap(one)(dict(params), x)
+
+
+#: the weight attack projects onto a ball this much smaller (relative), so that rounding w0 + δ stays inside
+_WEIGHT_SHRINK = 1e-4
+
+
+def weight_pgd_attack(model: nn.Module, x: Tensor, y: Tensor, eps: float, params: Sequence[str],
+                      norm: float | str = 2, steps: int = 20, step_size: float | None = None, restarts: int = 1,
+                      random_start: bool = True, loss: str = "margin") -> dict[str, Tensor]:
+    """Per example b, values of the parameters ``params`` (names in ``model``), each within its own
+    ball ``||w - w0||_norm <= eps`` (norm inf or 2), that misclassify x[b]: PGD on the parameters
+    (BatchNorm in eval mode), the first misclassifying iterate, else the one of highest ``loss``.
+
+    Returns {name: (B, *shape)}.  ``step_size`` (absolute) defaults to 2.5 * eps / steps."""
+    norm = _norm_value(norm)
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"need steps >= 0 and restarts >= 1, got {steps}, {restarts}")
+    if loss not in ATTACK_LOSSES:
+        raise ValueError(f"unknown attack loss {loss!r}; available: {', '.join(ATTACK_LOSSES)}")
+    named = dict(model.named_parameters())
+    missing = [n for n in params if n not in named]
+    if missing or not params:
+        raise ValueError(f"weight_pgd_attack: no parameter(s) {missing or list(params)} in the model; "
+                         f"available: {', '.join(named)}")
+    with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
+        x, y = x.detach().clone(), y.detach().clone()
+        B = x.shape[0]
+        w0 = {n: named[n].detach() for n in params}
+        best = _Best({n: w.expand(B, *w.shape) for n, w in w0.items()}, y)
+        if eps == 0 or steps == 0:
+            return best.points
+        radius = eps * (1 - _WEIGHT_SHRINK)
+        alpha = 2.5 * eps / steps if step_size is None else float(step_size)
+        for _ in range(restarts):
+            delta = {n: (_random_start(w.expand(B, *w.shape), radius, norm) if random_start
+                         else torch.zeros(B, *w.shape, dtype=w.dtype, device=w.device)) for n, w in w0.items()}
+            for i in range(steps + 1):
+                w = {n: (w0[n] + d).requires_grad_(i < steps) for n, d in delta.items()}
+                logits = per_example_logits(model, w, x)
+                value = attack_loss(logits, y, loss)
+                best.keep(w, logits, value)
+                if i == steps:
+                    break
+                grads = torch.autograd.grad(value.sum(), list(w.values()))
+                with torch.no_grad():
+                    for (n, d), g in zip(delta.items(), grads):
+                        if norm == math.inf:
+                            step = alpha * g.sign()
+                        else:
+                            step = alpha * g / _view(g.flatten(1).norm(dim=1).clamp_min(1e-12), g)
+                        delta[n] = _project(d + step, radius, norm)
+            if bool(best.found.all()):
+                break
+        return {n: t.detach() for n, t in best.points.items()}
+
+
+def weight_pgd_accuracy(model: nn.Module, x: Tensor, y: Tensor, eps: float, params: Sequence[str],
+                        **kwargs: Any) -> Tensor:
+    """Boolean (B,): x[b] is correctly classified with the weights the attack found for it
+    (:func:`weight_pgd_attack`)."""
+    w = weight_pgd_attack(model, x, y, eps, params, **kwargs)
+    with torch.no_grad(), torch.inference_mode(False), eval_mode(model):
+        return per_example_logits(model, w, x.detach().clone()).argmax(1) == y

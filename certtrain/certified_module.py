@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Union
 
 import pytorch_lightning as pl
@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attacks import pgd_accuracy
 from .bounds import BoundedModule, BoundedTensor, Perturbation, PerturbationLpNorm
 from .initialization import count_batchnorm, ibp_init
 from .loss_fusion import CrossEntropyBound, one_hot
@@ -96,6 +95,10 @@ class CertifiedModule(pl.LightningModule):
         self.method: TrainingMethod = build_method(method)
         self.threat: ThreatModel = build_threat(perturbation)
         self.method.check_threat(self.threat)
+        if self.threat.input_kind == "text" and mean is not None:
+            raise ValueError("word substitutions perturb a text classifier's embeddings: use a text dataset "
+                             "(dataset=movie_reviews or sst2) and model (model=lstm or transformer), which "
+                             "certtrain.text_module.TextCertifiedModule trains")
         self.optim = OptimSettings.from_mapping(optim)
         self.evaluation = EvalSettings.from_mapping(evaluation)
         self.num_classes = int(num_classes)
@@ -107,7 +110,9 @@ class CertifiedModule(pl.LightningModule):
                 warnings.warn(f"fast_ibp: the model has {n_bn} BatchNorm layer(s) for {n_layers} Linear/Conv layers; "
                               "Shi et al. 2021 put BatchNorm after every layer but the last and found it crucial for "
                               "short warm-ups (e.g. model=cnn_7layer_bn)", stacklevel=2)
-        self.net = nn.Sequential(Normalize(mean, std), model)
+        self.threat.prepare_model(model)  # e.g. a weight ball's BoundedParameters, before any tracing
+        # mean None: the model takes its inputs as they are (text models, `certtrain.text_module`)
+        self.net = nn.Sequential(Normalize(mean, std), model) if mean is not None else model
         sched = dict(schedule or {"name": "constant"})
         m = self.method
         self.eps_schedule: Schedule = build_schedule(sched, 0.0, self.eps)
@@ -142,9 +147,23 @@ class CertifiedModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    def perturbation_at(self, eps: float | Tensor) -> Perturbation:
-        """The threat model's set of radius ``eps`` (what the bound engine gets)."""
-        return self.threat.at(eps)
+    def clean_logits(self, x: Tensor, engine: bool = False) -> Tensor:
+        """Logits at the clean input; ``engine``: through the bound engine, whose forward keeps its
+        node values so that a following bound computation around x reuses the pass."""
+        return self.bounded(x)(x) if engine else self.net(x)
+
+    def perturbation_at(self, eps: float | Tensor, x: Tensor | None = None) -> Perturbation:
+        """The threat model's set of radius ``eps`` (what the bound engine gets; ``x``: the clean
+        input, for sets built around it such as the L0 ramp's)."""
+        return self.threat.at(eps, x=x)
+
+    def _bound_input(self, x: Tensor, eps: float | Tensor, perturbation: Perturbation | None = None
+                     ) -> tuple[Tensor, Any]:
+        """(the engine's input, a context for the bound call): the set around x, or for a weight
+        threat the plain x with the model's BoundedParameters perturbed during the call."""
+        if perturbation is None and self.threat.perturbs == "weights":
+            return x, self.threat.perturbing(self.net, eps)
+        return BoundedTensor(x, perturbation or self.perturbation_at(eps, x)), nullcontext()
 
     def bounded(self, example: Tensor) -> BoundedModule:
         """The bound engine around ``self.net`` (traced once, from one example input)."""
@@ -206,12 +225,13 @@ class CertifiedModule(pl.LightningModule):
     def margin_bounds(self, x: Tensor, y: Tensor, eps: float | Tensor, method: str = "IBP",
                       keep_intermediate: bool = False, perturbation: Perturbation | None = None) -> Tensor:
         """Lower bounds (B, K-1) of the margins z_y - z_j over the threat model's set of radius ε
-        around x (or over ``perturbation`` around x).  ``keep_intermediate``: keep the per-node
-        bounds for :meth:`intermediate_bounds` (the warm-up regularizers)."""
+        around x (or over ``perturbation`` around x; for a weight threat: over its parameter set, x
+        fixed).  ``keep_intermediate``: keep the per-node bounds for :meth:`intermediate_bounds` (the
+        warm-up regularizers)."""
         C = margin_spec(y, self.num_classes).to(x.dtype)
-        bx = BoundedTensor(x, perturbation or self.perturbation_at(eps))
+        bx, perturbing = self._bound_input(x, eps, perturbation)
         net = self.bounded(x)
-        with frozen_bn_stats(self.net):  # the clean forward of self.net already updated them
+        with perturbing, frozen_bn_stats(self.net):  # the clean forward of self.net already updated them
             lb, _ = net.compute_bounds(x=(bx,), method=method, C=C, bound_upper=False,
                                        keep_intermediate=keep_intermediate)
         return lb
@@ -222,9 +242,13 @@ class CertifiedModule(pl.LightningModule):
         taken after ``Normalize`` (as in their code, where the data are normalised)."""
         net = self.__dict__["_bounded"]
         inter = net.save_intermediate()
+        pre = [inter[n] for n in net.pre_activation_names() if n in inter]
+        if net.input_names[0] not in inter:  # a weight threat: the input is a point
+            zero = pre[0][0].new_zeros(1) if pre else torch.zeros(1)
+            return (zero, zero), pre
         lo, hi = inter[net.input_names[0]]
         normalize = self.net[0]
-        return (normalize(lo), normalize(hi)), [inter[n] for n in net.pre_activation_names() if n in inter]
+        return (normalize(lo), normalize(hi)), pre
 
     def bounded_loss(self, example: Tensor) -> BoundedModule:
         """The bound engine around the per-example cross-entropy of ``self.net`` (loss fusion)."""
@@ -243,9 +267,9 @@ class CertifiedModule(pl.LightningModule):
         """Per-example upper bound (B,) of the worst-case cross-entropy by CROWN-IBP on the loss
         itself: one backward row per example instead of K-1 (loss fusion)."""
         oh = one_hot(y, self.num_classes, x)
-        bx = BoundedTensor(x, self.perturbation_at(eps))
+        bx, perturbing = self._bound_input(x, eps)
         net = self.bounded_loss(x)
-        with frozen_bn_stats(self.net):
+        with perturbing, frozen_bn_stats(self.net):
             _, ub = net.compute_bounds(x=(bx, oh), method="CROWN-IBP", bound_lower=False)
         return ub.squeeze(1)
 
@@ -313,7 +337,7 @@ class CertifiedModule(pl.LightningModule):
         reg_on = m.reg_lambda > 0 and warmup_weight(m.reg_lambda, eps, self.eps) > 0
         # The engine's forward keeps its node values, so a following bound around x reuses this pass.
         engine = m.needs_bounds and ((eps > 0 and m.bounds_around_x()) or (eps == 0 and reg_on))
-        logits = self.bounded(x)(x) if engine else self.net(x)
+        logits = self.clean_logits(x, engine)
         nat = F.cross_entropy(logits, y)
         log: dict[str, Any] = {"nat_loss": nat, "acc": (logits.argmax(1) == y).float().mean(), "eps": eps,
                                "kappa": kappa}
@@ -348,7 +372,7 @@ class CertifiedModule(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         eps, _, beta = self.scheduled()
-        logits = self.bounded(x)(x) if eps > 0 else self.net(x)
+        logits = self.clean_logits(x, eps > 0)
         clean = logits.argmax(1) == y
         nat = F.cross_entropy(logits, y)
         extra: dict[str, Tensor] = {}
@@ -377,19 +401,18 @@ class CertifiedModule(pl.LightningModule):
         self.log("val_acc", f(ver_tgt), prog_bar=True, logger=False, batch_size=len(y), sync_dist=True)
 
     def pgd_robust(self, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int) -> Tensor:
-        """Per example: PGD finds no misclassified point in the threat model's set (True where no
-        attack applies: nothing is known against the certificate then)."""
-        if self.threat.attack_norm is None:
-            return torch.ones_like(y, dtype=torch.bool)
-        return pgd_accuracy(self.net, x, y, eps, norm=self.threat.attack_norm, steps=steps,
-                            step_size=self.evaluation.pgd_step_size, restarts=restarts,
-                            x_min=self.threat.x_L, x_max=self.threat.x_U)
+        """Per example: the threat model's attack (PGD for Lp balls, `certtrain.attacks.l0_attack`,
+        PGD on the weights) finds no misclassified point in its set (True where no attack applies:
+        nothing is known against the certificate then)."""
+        ok = self.threat.attack_accuracy(self.net, x, y, eps, steps=steps, restarts=restarts,
+                                         step_size=self.evaluation.pgd_step_size)
+        return torch.ones_like(y, dtype=torch.bool) if ok is None else ok
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         eps = self.eval_eps
         e = self.evaluation
-        clean = self.net(x).argmax(1) == y
+        clean = self(x).argmax(1) == y
         pgd = self.pgd_robust(x, y, eps, e.pgd_steps, e.pgd_restarts) & clean
         methods = ["ibp", "crown_ibp"] + (["crown"] if self.use_crown(x) else [])
         any_ver = torch.zeros_like(clean)
@@ -445,6 +468,13 @@ def module_from_config(cfg: Any, model: nn.Module | None = None) -> CertifiedMod
     except Exception:  # e.g. ${hydra:...} outside a Hydra run
         config = OmegaConf.to_container(cfg, resolve=False)
     plain = lambda x: OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x  # noqa: E731
+    if getattr(dm_cls, "is_text", False):
+        from .text_module import TextCertifiedModule
+
+        return TextCertifiedModule(
+            model=model, num_classes=cfg.dataset.num_classes, method=plain(cfg.method),
+            perturbation=plain(cfg.perturbation), schedule=plain(cfg.schedule), optim=plain(cfg.optim),
+            evaluation=plain(cfg.get("eval")), config=config)
     return CertifiedModule(
         model=model, mean=dm_cls.mean, std=dm_cls.std, num_classes=cfg.dataset.num_classes,
         method=plain(cfg.method), perturbation=plain(cfg.perturbation), schedule=plain(cfg.schedule),

@@ -12,7 +12,11 @@ __all__ = ["plot_accuracy_vs_eps"]
 
 
 def _pgd_label(points: Sequence[Mapping[str, Any]]) -> str:
-    """'PGD, 100 steps × 5 restarts' or, when the attack differs between ε, each setting with its ε."""
+    """'PGD, 100 steps × 5 restarts' or, when the attack differs between ε, each setting with its ε;
+    another attack (``attack_name`` not PGD): its own description."""
+    other = [p for p in points if p.get("attack_name", "PGD") != "PGD"]
+    if other:
+        return f"{other[0]['attack']} (upper bound)"
     groups: dict[tuple[int, int], list[float]] = {}
     for p in points:
         if p["eps"] > 0:
@@ -29,12 +33,13 @@ def _pgd_label(points: Sequence[Mapping[str, Any]]) -> str:
 
 def plot_accuracy_vs_eps(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, *, title: str,
                          curve_methods: Sequence[str], trained_eps: float | None = None,
-                         norm: float = math.inf) -> Path:
+                         norm: Any = math.inf, xlabel: str | None = None) -> Path:
     """Clean, PGD and certified accuracy against ε (points from :func:`certtrain.verification.accuracy_curve`).
 
     The line "certified" is the cascade over ``curve_methods`` at every ε; where a point ran a
     longer cascade, its certified accuracy is a separate marker.  The band between certified and
-    PGD accuracy holds the (unknown) true robust accuracy.  ``trained_eps``: a vertical line.
+    PGD accuracy holds the (unknown) true robust accuracy.  ``trained_eps``: a vertical line.  ``xlabel``: the axis label (default: the ε of ``norm``);
+    the points' ``radius_name`` (ε, budget) names the trained value.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -70,10 +75,13 @@ def plot_accuracy_vs_eps(points: Sequence[Mapping[str, Any]], path: str | os.Pat
         if len(sel) >= 2:
             color, ls = next(styles, ("0.3", ":"))
             ax.plot(*zip(*sel), ls=ls, lw=1.3, color=color, label=f"certified: {m} alone")
+    radius = pts[0].get("radius_name", "ε")
     if trained_eps is not None and trained_eps > 0:
-        ax.axvline(trained_eps, color="tab:purple", ls="-.", lw=1.2, label=f"trained at ε = {trained_eps:g}")
-    nm = "L∞" if norm == math.inf else f"L{norm:g}"
-    ax.set_xlabel(f"ε ({nm} radius, pixel scale [0, 1])")
+        ax.axvline(trained_eps, color="tab:purple", ls="-.", lw=1.2, label=f"trained at {radius} = {trained_eps:g}")
+    if xlabel is None:
+        nm = "L∞" if norm == math.inf else f"L{norm:g}"
+        xlabel = f"ε ({nm} radius, pixel scale [0, 1])"
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(-2, 102)
     ax.set_xlim(min(eps) - 0.02 * (max(eps) - min(eps)), max(eps) * 1.02)

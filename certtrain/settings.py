@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from .bounds import CHEAP_METHODS, check_bound_opts, resolve_method
 
-__all__ = ["EvalSettings", "OptimSettings", "check_run_config", "check_val_bounds"]
+__all__ = ["EvalSettings", "OptimSettings", "check_inputs_match", "check_run_config", "check_val_bounds"]
 
 
 def _from_mapping(cls, options: Optional[Mapping[str, Any]], where: str):
@@ -133,6 +133,27 @@ class EvalSettings:
         return d
 
 
+def check_inputs_match(cfg: Any, threat: Any) -> None:
+    """ValueError if the threat model perturbs another kind of input than the dataset gives (word
+    substitutions need a text dataset and model; Lp balls an image dataset)."""
+    target = cfg.get("dataset", {}).get("_target_") if hasattr(cfg, "get") else None
+    if not target:
+        return
+    import importlib
+
+    mod, _, attr = str(target).rpartition(".")
+    try:
+        text = bool(getattr(getattr(importlib.import_module(mod), attr), "is_text", False))
+    except (ImportError, AttributeError, ValueError):
+        return  # an unknown dataset is reported by the caller, naming the alternatives
+    if text and threat.input_kind != "text":
+        raise ValueError(f"dataset {attr} is text: train it against word substitutions (perturbation=synonym) "
+                         f"with a text model (model=lstm or transformer), not {threat!r}")
+    if not text and threat.input_kind == "text":
+        raise ValueError(f"word substitutions (perturbation=synonym) need a text dataset (dataset=movie_reviews "
+                         f"or sst2) and a text model (model=lstm or transformer); dataset {attr} holds images")
+
+
 def check_run_config(cfg: Any) -> dict[str, Any]:
     """Build (and so check) every part of a composed run config that can be checked without data or
     a model: {"method", "threat", "schedule", "optim", "eval"}.  Raises ValueError naming the key."""
@@ -146,6 +167,7 @@ def check_run_config(cfg: Any) -> dict[str, Any]:
         return OmegaConf.to_container(x, resolve=True) if OmegaConf.is_config(x) else x
 
     threat = build_threat(plain(cfg.perturbation))
+    check_inputs_match(cfg, threat)
     method = build_method(plain(cfg.method))
     method.check_threat(threat)
     s = plain(cfg.schedule) or {"name": "constant"}

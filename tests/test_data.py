@@ -28,7 +28,7 @@ import torch
 import yaml
 from torch.utils.data import RandomSampler, SequentialSampler
 
-from certtrain_data import DATAMODULES, DatasetNotFoundError, get_datamodule
+from certtrain_data import DATAMODULES, IMAGE_DATAMODULES, TEXT_DATAMODULES, DatasetNotFoundError, get_datamodule
 from certtrain_data.base import CertDataModule, interleave_by_class
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +45,12 @@ def _check_batch(dm: CertDataModule, x: torch.Tensor, y: torch.Tensor) -> None:
 
 # --------------------------------------------------------------------------- registry / configs
 def test_registry_and_unknown_name() -> None:
-    assert set(DATAMODULES) == {"digits", "mnist", "fashion_mnist", "svhn", "cifar10", "tinyimagenet", "imagenet64"}
+    assert set(IMAGE_DATAMODULES) == {"digits", "mnist", "fashion_mnist", "svhn", "cifar10", "tinyimagenet", "imagenet64"}
+    assert set(TEXT_DATAMODULES) == {"movie_reviews", "sst2"}  # tested in test_text_data.py
+    assert DATAMODULES == {**IMAGE_DATAMODULES, **TEXT_DATAMODULES}
     for name, cls in DATAMODULES.items():
         assert cls.name == name
+    for name, cls in IMAGE_DATAMODULES.items():
         assert len(cls.mean) == len(cls.std) == cls.in_shape[0]
         assert all(0 < s < 1 for s in cls.std) and all(0 < m < 1 for m in cls.mean)
     with pytest.raises(ValueError) as exc:
@@ -63,12 +66,17 @@ def test_dataset_configs(path: Path) -> None:
     cls = getattr(importlib.import_module(module), clsname)
     assert cls is DATAMODULES[path.stem]
     assert cfg["data_dir"] == "${paths.data_dir}"
-    assert tuple(cfg["in_shape"]) == cls.in_shape and cfg["num_classes"] == cls.num_classes
+    assert cfg["num_classes"] == cls.num_classes
+    if getattr(cls, "is_text", False):  # text: vocab_size / max_len instead of in_shape
+        assert "in_shape" not in cfg and cfg["vocab_size"] > 2 and cfg["max_len"] > 0
+    else:
+        assert tuple(cfg["in_shape"]) == cls.in_shape
     kwargs = {k: v for k, v in cfg.items() if k != "_target_"}
     kwargs["data_dir"] = "/nonexistent"
     inspect.signature(cls.__init__).bind(None, **kwargs)  # every key is a constructor argument
     dm = cls(**kwargs)  # constructing never touches the disk
-    assert dm.in_shape == cls.in_shape
+    if not getattr(cls, "is_text", False):
+        assert dm.in_shape == cls.in_shape
 
 
 def test_all_configs_present() -> None:

@@ -1,4 +1,5 @@
-"""Tests for the architecture zoo in ``models/`` (CPU, fast).
+"""Tests for the architecture zoo in ``models/`` (CPU, fast). The text models (``TEXT_MODELS``: lstm,
+transformer) have their own tests in ``tests/test_text_models.py``; the yaml checks below cover both.
 
 Parameter counts of the default models (checked in ``test_default_parameter_counts``):
 
@@ -34,7 +35,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import certtrain_models as models
 from certtrain.normalize import Normalize
-from certtrain_models import MODELS, get_model
+from certtrain_models import IMAGE_MODELS, MODELS, TEXT_MODELS, get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf" / "model"
@@ -53,7 +54,7 @@ SMALL: dict[str, dict] = {
 }
 
 CASES: list[tuple[str, tuple[int, int, int], int, dict]] = [
-    (name, shape, 10, SMALL[name]) for name in MODELS for shape in [(1, 28, 28), (3, 32, 32)]
+    (name, shape, 10, SMALL[name]) for name in IMAGE_MODELS for shape in [(1, 28, 28), (3, 32, 32)]
 ]
 CASES += [
     ("resnext", (3, 64, 64), 200, SMALL["resnext"]),
@@ -172,7 +173,7 @@ EXPECTED_PARAMS = {
 
 
 def test_default_parameter_counts():
-    assert {n for n, _ in EXPECTED_PARAMS} == set(MODELS)
+    assert {n for n, _ in EXPECTED_PARAMS} == set(IMAGE_MODELS)
     for (name, shape), expected in EXPECTED_PARAMS.items():
         with torch.device("meta"):  # no allocation / init cost for the 17-21M parameter models
             model = MODELS[name](in_shape=shape)
@@ -206,11 +207,13 @@ def test_conf_model_yamls():
         assert module_name == "certtrain_models", f
         fn = getattr(importlib.import_module(module_name), attr)
         assert callable(fn) and fn is MODELS[f.stem], f
-        assert cfg["in_shape"] == "${dataset.in_shape}"
-        assert cfg["num_classes"] == "${dataset.num_classes}"
+        # image models take the dataset's in_shape, text models its vocabulary and sentence length
+        from_data = ("vocab_size", "num_classes", "max_len") if f.stem in TEXT_MODELS else ("in_shape", "num_classes")
+        for key in from_data:
+            assert cfg[key] == "${dataset.%s}" % key, f"{f.name}: {key}"
         params = inspect.signature(fn).parameters
         for key, value in cfg.items():
-            if key.startswith("_") or key in ("in_shape", "num_classes"):
+            if key.startswith("_") or key in from_data:
                 continue
             assert key in params, f"{f.name}: {key} is not an argument of {fn.__name__}"
             default = params[key].default
@@ -218,7 +221,7 @@ def test_conf_model_yamls():
                 value = tuple(value)
             assert value == default, f"{f.name}: {key}={value!r} differs from the default {default!r}"
         # every width option is spelled out
-        missing = set(params) - set(cfg) - {"in_shape", "num_classes"}
+        missing = set(params) - set(cfg)
         assert not missing, f"{f.name} does not spell out {sorted(missing)}"
 
 
@@ -227,7 +230,8 @@ def test_conf_model_hydra_instantiate():
     omegaconf = pytest.importorskip("omegaconf")
     for f in sorted(CONF_DIR.glob("*.yaml")):
         cfg = omegaconf.OmegaConf.create(
-            {"dataset": {"in_shape": [3, 32, 32], "num_classes": 10}, "model": yaml.safe_load(f.read_text())}
+            {"dataset": {"in_shape": [3, 32, 32], "num_classes": 10, "vocab_size": 100, "max_len": 8},
+             "model": yaml.safe_load(f.read_text())}
         )
         with torch.device("meta"):
             model = hydra_utils.instantiate(cfg.model)

@@ -126,22 +126,37 @@ def test_bounds_in_training_mode_keep_bn_running_stats():
 
 
 # ---------------------------------------------------------------- configs
+#: options that only make sense with text data, a text model and word substitutions: composed within
+#: the text recipe (the text experiments themselves compose on their own)
+TEXT_OPTIONS = {("dataset", "movie_reviews"), ("dataset", "sst2"), ("model", "lstm"), ("model", "transformer"),
+                ("perturbation", "synonym")}
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_compose_every_option(tmp_path, group, option):
     from certtrain.certified_module import CertifiedModule, module_from_config
+    from certtrain.text_module import TextCertifiedModule
 
-    cfg = compose_cfg(tmp_path, [f"{group}={option}"])
+    text = (group, option) in TEXT_OPTIONS or option.startswith("text_")
+    base = ["experiment=text_transformer_synonym"] if (group, option) in TEXT_OPTIONS else []
+    cfg = compose_cfg(tmp_path, [*base, f"{group}={option}"])
     OmegaConf.resolve(cfg)
     dm = instantiate(cfg.dataset, _convert_="all")  # constructor only: nothing is loaded
-    assert tuple(dm.in_shape) == tuple(cfg.dataset.in_shape)
+    if not text:
+        assert tuple(dm.in_shape) == tuple(cfg.dataset.in_shape)
     model = instantiate(cfg.model, _convert_="all")
     module = module_from_config(cfg, model=model)
-    assert isinstance(module, CertifiedModule)
+    assert isinstance(module, TextCertifiedModule if text else CertifiedModule)
     assert module.method.name == method_name(cfg.method) and module.eps == cfg.perturbation.eps
-    if group == "model":  # every architecture runs in pixel space on the dataset's shape
+    if group == "model":  # every architecture runs on the dataset's inputs (pixel space / token ids)
         module.eval()
         with torch.no_grad():
-            assert module(torch.rand(2, *dm.in_shape)).shape == (2, cfg.dataset.num_classes)
+            if text:
+                ids = torch.randint(2, cfg.dataset.vocab_size, (2, cfg.dataset.max_len))
+                x = (ids, torch.full((2, cfg.dataset.max_len, 3), -1))
+            else:
+                x = torch.rand(2, *dm.in_shape)
+            assert module(x).shape == (2, cfg.dataset.num_classes)
     if group == "trainer":
         if option == "cpu" or torch.cuda.is_available():
             instantiate(cfg.trainer, logger=False, enable_checkpointing=False)

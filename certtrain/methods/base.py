@@ -114,6 +114,16 @@ class TrainingMethod:
     # ----------------------------------------------------------------- hooks
     def check_threat(self, threat: "ThreatModel") -> None:
         """ValueError if the method cannot train against ``threat`` (e.g. SABR needs boxes)."""
+        if threat.input_kind == "text" and self.attack is not None:
+            raise ValueError(f"method {self.name!r} trains on gradient attacks in input space, which word "
+                             "substitutions do not have; use method=ibp, crown_ibp, fast_ibp or natural")
+        if self.attack is not None and threat.attack_norm is None:  # L0 and weight balls
+            raise ValueError(f"method {self.name!r} trains on PGD points of an L∞ / L2 ball around the input, and "
+                             f"{threat!r} is not one; use method=ibp, crown_ibp, fast_ibp or natural")
+        if getattr(threat, "perturbs", "input") == "weights" and self.reg_lambda > 0 and "tightness" in self.reg_terms:
+            raise ValueError(f"{self.where}.reg_terms: the tightness regularizer compares pre-activation bounds with "
+                             f"the input box, which a weight perturbation leaves a point; set {self.where}.reg_terms="
+                             f"[relu] or {self.where}.reg_lambda=0")
 
     def beta(self) -> Optional[tuple[float, float]]:
         """(start, end) of the β schedule, for methods that mix two bounds (CROWN-IBP)."""

@@ -26,6 +26,12 @@ class CROWNIBP(TrainingMethod):
         return {**super().options(), "beta_start": self.beta_start, "beta_end": self.beta_end,
                 "loss_fusion": self.loss_fusion}
 
+    def check_threat(self, threat) -> None:
+        super().check_threat(threat)
+        if self.loss_fusion and threat.input_kind != "image":
+            raise ValueError(f"{self.where}.loss_fusion bounds the loss of an image classifier; for word "
+                             f"substitutions set {self.where}.loss_fusion=false")
+
     def beta(self) -> Optional[tuple[float, float]]:
         return self.beta_start, self.beta_end
 

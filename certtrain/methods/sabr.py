@@ -26,6 +26,7 @@ class SABR(TrainingMethod):
         return {**super().options(), "lambda_ratio": self.lambda_ratio}
 
     def check_threat(self, threat) -> None:
+        super().check_threat(threat)
         if not threat.is_box:
             raise ValueError("method sabr propagates L∞ boxes: use perturbation.norm=inf (perturbation=linf)")
 
