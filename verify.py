@@ -289,7 +289,7 @@ def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, An
 
     first = results[0]
     if text:
-        norm = f"word substitutions (attack: {first._pgd_label()})"
+        norm = "word substitutions"
     else:
         norm = "L∞" if first.norm == math.inf else (f"L{int(first.norm)}" if first.norm else str(prepared["threat"]))
     ds = config["dataset"]["_target_"].rsplit(".", 1)[-1]

@@ -54,17 +54,17 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
-from .attacks import pgd_accuracy
-from .bounds import BoundedModule, BoundedTensor, Perturbation, PerturbationLpNorm
+from .attacks import l0_accuracy, pgd_accuracy
+from .bounds import BoundedModule, BoundedTensor, Perturbation, PerturbationL0Norm, PerturbationLpNorm
 from .bounds.methods import ALPHA_RULES, CHEAP_METHODS, METHOD_NAMES, check_alpha_opts, resolve_method
 from .losses import margin_spec
-from .threat import LpBall, check_eps
+from .threat import L0Ball, LpBall, ThreatModel, WeightBall, check_eps, check_l0_budget
 
 __all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "InputSetTask", "VerificationResult",
-           "VerificationTask", "accuracy_curve", "canonical_method", "check_engine_supports", "eps_table",
-           "load_for_verification", "make_perturbation", "margin_lower_bounds", "parse_alpha_crown_options",
-           "parse_method_options", "parse_methods", "resolve_device", "run_verification", "verify_dataset",
-           "write_samples_csv"]
+           "VerificationTask", "WeightSetTask", "accuracy_curve", "canonical_method", "check_engine_supports",
+           "eps_table", "load_for_verification", "make_perturbation", "make_task", "margin_lower_bounds",
+           "parse_alpha_crown_options", "parse_method_options", "parse_methods", "resolve_device", "run_verification",
+           "verify_dataset", "write_samples_csv"]
 
 #: the bound methods, cheapest first (the engine's registry, certtrain.bounds.methods)
 METHODS = METHOD_NAMES
@@ -498,8 +498,9 @@ class VerificationTask:
 
 class InputSetTask(VerificationTask):
     """A perturbation set around the input tensor of ``model`` (Lp balls, L0 budgets ...); PGD
-    attacks Lp balls of one radius in L∞ / L2 (any other set is bounded but not attacked: its
-    attack column is then the clean one)."""
+    attacks Lp balls of one radius in L∞ / L2, `certtrain.attacks.l0_attack` an L0 budget
+    (``pgd_steps`` / ``pgd_restarts`` its steps and restarts; result ``eps`` = k, ``norm`` 0); any
+    other set is bounded but not attacked: its attack column is then the clean one."""
 
     def __init__(self, model: nn.Module, perturbation: Perturbation, pgd_steps: int = 20, pgd_restarts: int = 1,
                  pgd_step_size: float | None = None, bound_opts: Mapping[str, Any] | None = None):
@@ -516,17 +517,26 @@ class InputSetTask(VerificationTask):
         if lp and (not math.isfinite(self.eps) or self.eps < 0):
             raise ValueError(f"eps must be a finite number >= 0, got {perturbation.eps!r}")
         self.attackable = lp and self.norm in (math.inf, 2.0)
+        self.l0 = isinstance(perturbation, PerturbationL0Norm)
+        if self.l0:  # at most k pixels: eps = k, norm 0, attacked by the L0 attack
+            self.eps, self.norm = float(perturbation.eps), 0.0
+            self.radius_name, self.attack_name = "k (pixels)", "L0 attack"
         self.model, self.perturbation = model, perturbation
         self.pgd_steps, self.pgd_restarts, self.pgd_step_size = int(pgd_steps), int(pgd_restarts), pgd_step_size
         self.bound_opts = dict(bound_opts or {})
-        self.x_min = float(perturbation.x_L) if getattr(perturbation, "x_L", None) is not None else -math.inf
-        self.x_max = float(perturbation.x_U) if getattr(perturbation, "x_U", None) is not None else math.inf
+        if not self.l0:  # (an L0 domain may be a tensor: the attack reads it from the set)
+            self.x_min = float(perturbation.x_L) if getattr(perturbation, "x_L", None) is not None else -math.inf
+            self.x_max = float(perturbation.x_U) if getattr(perturbation, "x_U", None) is not None else math.inf
         self.bounded: BoundedModule | None = None
 
     def logits(self, x: Tensor) -> Tensor:
         return self.model(x)
 
     def attack(self, x: Tensor, y: Tensor) -> Optional[Tensor]:
+        if self.l0 and self.eps > 0 and self.pgd_steps > 0:
+            p = self.perturbation
+            return l0_accuracy(self.model, x, y, p.eps, x_min=p.x_L, x_max=p.x_U, steps=self.pgd_steps,
+                               restarts=self.pgd_restarts)
         if not (self.attackable and self.eps > 0 and self.pgd_steps > 0):
             return None
         return pgd_accuracy(self.model, x, y, self.eps, norm=self.norm, steps=self.pgd_steps,
@@ -534,7 +544,7 @@ class InputSetTask(VerificationTask):
                             x_max=self.x_max)
 
     def exact(self) -> bool:
-        return self.lp and self.eps == 0
+        return (self.lp or self.l0) and self.eps == 0
 
     def bounds(self, x, y, method, num_classes, optimize_bound_args):
         if self.bounded is None:
@@ -543,6 +553,8 @@ class InputSetTask(VerificationTask):
 
     def attack_label(self) -> str:
         rs = "restart" if self.pgd_restarts == 1 else "restarts"
+        if self.l0:
+            return f"L0 attack ({self.pgd_steps} steps, {self.pgd_restarts} {rs})"
         return f"PGD ({self.pgd_steps} steps, {self.pgd_restarts} {rs})"
 
 
@@ -804,3 +816,88 @@ def load_for_verification(ckpt_path: str | os.PathLike, *, subset: int | None = 
     datamodule = instantiate(ds, _convert_="all")
     datamodule.setup("test")
     return module, datamodule, config
+
+
+class WeightSetTask(VerificationTask):
+    """The parameters named by a `certtrain.threat.WeightBall`, each in its ball of radius ``eps``
+    around its value, the input fixed: a sample is verified when its prediction holds for every
+    parameter value in the set (the engine's bounds, one parameter copy per example), and the
+    attack is PGD on the parameters per example (`certtrain.attacks.weight_pgd_attack`).
+
+    The model's `BoundedParameter`s are the perturbed parameters; where it has none (a model not
+    built by `CertifiedModule`), the ball's are installed in place (same values, unperturbed outside
+    the bound calls), on the model behind a leading ``Normalize`` if there is one."""
+
+    radius_name = "weight ε"
+    attack_name = "weight PGD"
+
+    def __init__(self, model: nn.Module, threat: WeightBall, eps: float, pgd_steps: int = 20, pgd_restarts: int = 1,
+                 pgd_step_size: float | None = None, bound_opts: Mapping[str, Any] | None = None):
+        if not isinstance(threat, WeightBall):
+            raise ValueError(f"WeightSetTask needs a certtrain.threat.WeightBall, got {threat!r}")
+        if int(pgd_steps) < 0 or int(pgd_restarts) < 1:
+            raise ValueError(f"need pgd_steps >= 0 and pgd_restarts >= 1, got {pgd_steps}, {pgd_restarts}")
+        self.eps, self.norm, self.threat = check_eps("eps", eps), threat.norm, threat
+        from .bounds import BoundedParameter
+        from .normalize import Normalize
+
+        if not any(isinstance(p, BoundedParameter) for p in model.parameters()):
+            inner = model[1] if isinstance(model, nn.Sequential) and len(model) == 2 and \
+                isinstance(model[0], Normalize) else model
+            threat.prepare_model(inner)
+        self.params = [n for n, _ in threat.perturbed(model)]
+        self.model = model
+        self.pgd_steps, self.pgd_restarts, self.pgd_step_size = int(pgd_steps), int(pgd_restarts), pgd_step_size
+        self.bound_opts = dict(bound_opts or {})
+        self.bounded: BoundedModule | None = None
+
+    def logits(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def attack(self, x: Tensor, y: Tensor) -> Optional[Tensor]:
+        if self.eps == 0 or self.pgd_steps == 0:
+            return None
+        return self.threat.attack_accuracy(self.model, x, y, self.eps, self.pgd_steps, self.pgd_restarts,
+                                           self.pgd_step_size)
+
+    def exact(self) -> bool:
+        return self.eps == 0
+
+    def bounds(self, x, y, method, num_classes, optimize_bound_args):
+        method = canonical_method(method)
+        if self.bounded is None:
+            self.bounded = BoundedModule(self.model, x[:1], bound_opts=self.bound_opts)
+        C = margin_spec(y, num_classes).to(x.dtype)
+        kwargs: dict[str, Any] = {}
+        if method == "alpha-CROWN" and optimize_bound_args:
+            kwargs["optimize_bound_args"] = dict(optimize_bound_args)
+        with torch.no_grad(), self.threat.perturbing(self.model, self.eps):
+            lb, _ = self.bounded.compute_bounds(x=(x,), method=method, C=C, bound_upper=False, **kwargs)
+        return lb
+
+    def attack_label(self) -> str:
+        rs = "restart" if self.pgd_restarts == 1 else "restarts"
+        return f"weight PGD ({self.pgd_steps} steps, {self.pgd_restarts} {rs})"
+
+    def describe(self) -> dict[str, Any]:
+        return {"perturbed_parameters": list(self.params), "set": self.threat.describe(self.eps)}
+
+
+def make_task(net: nn.Module, threat: ThreatModel, eps: float, *, pgd_steps: int = 20, pgd_restarts: int = 1,
+              pgd_step_size: float | None = None, bound_opts: Mapping[str, Any] | None = None) -> VerificationTask:
+    """The verification task of an image threat model at radius ``eps``: `InputSetTask` for an
+    `LpBall` (PGD) or an `L0Ball` (``eps`` an integer number of pixels; the L0 attack), and
+    `WeightSetTask` for a `WeightBall` (PGD on the weights).  ValueError for a bad ``eps`` or a
+    threat model without a task here (word substitutions: `certtrain.text_verification`)."""
+    kw: dict[str, Any] = dict(pgd_steps=pgd_steps, pgd_restarts=pgd_restarts, pgd_step_size=pgd_step_size,
+                              bound_opts=bound_opts)
+    if isinstance(threat, LpBall):
+        return InputSetTask(net, threat.at(check_eps("eps", eps)), **kw)
+    if isinstance(threat, L0Ball):
+        return InputSetTask(net, threat.at(check_l0_budget("eps", eps)), **kw)
+    if isinstance(threat, WeightBall):
+        return WeightSetTask(net, threat, eps, **kw)
+    if getattr(threat, "input_kind", None) == "text":
+        raise ValueError(f"{threat!r} perturbs a text classifier: verify it with "
+                         "certtrain.text_verification.verify_text_dataset")
+    raise ValueError(f"make_task knows LpBall, L0Ball and WeightBall threat models, got {threat!r}")

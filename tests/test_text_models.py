@@ -215,7 +215,7 @@ EPS = 0.05
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("method", ["IBP", "CROWN-IBP", "CROWN"])
-@pytest.mark.parametrize("name", ["lstm", "transformer", "transformer_2layer_std_pooler"])
+@pytest.mark.parametrize("name", list(SMALL))
 def test_encoder_bounds_sound(name, method, dtype):
     model = _build(name, dtype)
     ids = _ids()
