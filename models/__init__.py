@@ -19,8 +19,9 @@ encoder with explicit multi-head self-attention (key mask -10000), mean-only Lay
 (``layer_norm="mean" | "standard" | "none"``), a masked mean over tokens and a Linear. Padding never
 changes their output.
 
-Parameter counts of the defaults at CIFAR shape (3, 32, 32), 10 classes (mlp / cnn_small default to
-MNIST (1, 28, 28), where they have 269,322 / 166,406):
+Parameter counts of the defaults: image models at CIFAR shape (3, 32, 32), 10 classes (mlp / cnn_small
+default to MNIST (1, 28, 28), where they have 269,322 / 166,406); text models at their defaults
+(vocab_size 5000, embed_dim 64, max_len 32, 2 classes; the embedding is 320,000 of their parameters):
 
 =============  ==========
 model          parameters
@@ -34,11 +35,9 @@ resnet             43,466
 resnext        17,611,018
 densenet        7,902,058
 wide_resnet    21,542,250
+lstm              353,154  (hidden 64)
+transformer       355,650  (1 layer, 4 heads, ffn 128, mean-only LayerNorm)
 =============  ==========
-
-Text models at their defaults (vocab_size 5000, embed_dim 64, max_len 32, 2 classes; the embedding
-has 320,000 of the parameters): ``lstm`` (hidden 64) 353,154 parameters, ``transformer`` (1 layer,
-4 heads, ffn 128, mean-only LayerNorm) 355,650.
 
 Note: ``certtrain_models.<name>`` is the constructor (it shadows the submodule of the same name, which is what
 Hydra's ``_target_: certtrain_models.<name>`` needs); import classes with ``from certtrain_models.resnet import BasicBlock``.

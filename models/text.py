@@ -56,7 +56,9 @@ class TextClassifier(nn.Module):
     ``embed_dim``, ``pad_id``.
     """
 
-    def __init__(self, embedding: nn.Embedding, encoder: nn.Module, num_classes: int, max_len: int, pad_id: int) -> None:
+    def __init__(
+        self, embedding: nn.Embedding, encoder: nn.Module, num_classes: int, max_len: int, pad_id: int
+    ) -> None:
         super().__init__()
         if embedding.padding_idx != pad_id:
             raise ValueError(f"embedding.padding_idx={embedding.padding_idx} differs from pad_id={pad_id}")

@@ -143,10 +143,11 @@ def transformer(
 
     ``nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)`` (outside the bounded graph), then
     :class:`TransformerEncoder`: learned positional embeddings (max_len, embed_dim) added to the token
-    embeddings (zeroed at padded positions); ``num_layers`` post-LN layers, each multi-head self-attention (``heads`` heads, Linear
-    q/k/v, scores / sqrt(d_head) + (1 - mask) * -10000, softmax over keys, output Linear), residual +
-    norm, FFN Linear(embed_dim, ffn) -> ReLU -> Linear(ffn, embed_dim), residual + norm; a masked mean
-    over the tokens, optionally a tanh pooler (Linear + tanh), and Linear(embed_dim, num_classes).
+    embeddings (zeroed at padded positions); ``num_layers`` post-LN layers, each multi-head
+    self-attention (``heads`` heads, Linear q/k/v, scores / sqrt(d_head) + (1 - mask) * -10000, softmax
+    over keys, output Linear), residual + norm, FFN Linear(embed_dim, ffn) -> ReLU -> Linear(ffn,
+    embed_dim), residual + norm; a masked mean over the tokens, optionally a tanh pooler (Linear + tanh),
+    and Linear(embed_dim, num_classes).
 
     ``layer_norm``: ``"mean"`` (mean-only LayerNorm, the form certified training uses: the variance
     division makes bounds explode), ``"standard"`` (nn.LayerNorm) or ``"none"``.

@@ -97,7 +97,8 @@ def test_shapes_and_attributes(name):
     y = model(ids)
     assert y.shape == (len(LENGTHS), CLASSES) and torch.isfinite(y).all()
     assert isinstance(model, TextClassifier) and isinstance(model.embedding, nn.Embedding)
-    assert (model.pad_id, model.max_len, model.embed_dim, model.vocab_size, model.num_classes) == (0, T, model.embedding.embedding_dim, VOCAB, CLASSES)
+    attrs = (model.pad_id, model.max_len, model.embed_dim, model.vocab_size, model.num_classes)
+    assert attrs == (0, T, model.embedding.embedding_dim, VOCAB, CLASSES)
     assert model.embedding.padding_idx == 0
     emb, mask = model.embed(ids)
     assert emb.shape == (len(LENGTHS), T, model.embed_dim) and emb.dtype == mask.dtype == torch.float64
@@ -162,7 +163,7 @@ def test_lstm_is_lstmcell():
         cell.bias_ih.copy_(enc.input_gates.bias * 0.3)
         cell.bias_hh.copy_(enc.input_gates.bias * 0.7)
         ids = _ids(lengths=(T, T, T))
-        emb, mask = model.embed(ids)
+        emb, _ = model.embed(ids)
         h, c = cell(emb[:, 0])
         for t in range(1, T):
             h, c = cell(emb[:, t], (h, c))
@@ -221,7 +222,6 @@ def test_encoder_bounds_sound(name, method, dtype):
     ids = _ids()
     with torch.no_grad():
         emb, mask = model.embed(ids)
-        y = model.encoder(emb, mask)
     net = BoundedModule(model.encoder, (emb, mask))
     ptb = PerturbationLpNorm(norm=math.inf, eps=EPS)
     with torch.no_grad():
@@ -261,7 +261,7 @@ def test_a_box_on_the_padding_changes_no_bound(name):
         net = BoundedModule(model.encoder, (emb, mask))
         pad = (1 - mask)[..., None].expand_as(emb)
         for method in ("IBP", "CROWN-IBP", "CROWN"):
-            def bounds(eps):
+            def bounds(eps, method=method):
                 return net.compute_bounds(x=(BoundedTensor(emb, PerturbationLpNorm(eps=eps)), mask), method=method)
 
             lb, ub = bounds(0.5 * pad)
