@@ -34,20 +34,21 @@ def check_config(cfg: DictConfig) -> None:
 def format_table(results: dict[str, float], cfg: DictConfig, n_test: int | None, ckpt: str | None) -> str:
     """Markdown table of the test metrics at the evaluation ε."""
     from certtrain.methods import method_name
-    from certtrain.threat import build_threat, parse_norm
-
     from omegaconf import OmegaConf
+
+    from certtrain.threat import LpBall, build_threat
 
     threat = build_threat(OmegaConf.to_container(cfg.perturbation, resolve=True))
     if threat.input_kind == "text":
-        where = f"word substitutions, budget = {threat.budget}"
-        attack = f"word-substitution attack ({'greedy' if threat.beam == 1 else f'beam {threat.beam}'})"
+        where = threat.describe()
+        attack = f"{threat.attack_name} ({'greedy' if threat.beam == 1 else f'beam {threat.beam}'})"
         unit = "sentences"
     else:
-        norm = parse_norm(cfg.perturbation.norm)
-        eps = cfg.perturbation.eval_eps if cfg.perturbation.get("eval_eps") is not None else cfg.perturbation.eps
-        where = f"{'L∞' if norm == math.inf else f'L{int(norm)}'} ε = {float(eps):.4g}"
-        attack = f"PGD ({cfg.eval.pgd_steps} steps, {cfg.eval.pgd_restarts} restart(s))"
+        if isinstance(threat, LpBall):
+            where = f"{'L∞' if threat.norm == math.inf else f'L{int(threat.norm)}'} ε = {threat.eval_eps:.4g}"
+        else:
+            where = threat.describe()
+        attack = f"{threat.attack_name} ({cfg.eval.pgd_steps} steps, {cfg.eval.pgd_restarts} restart(s))"
         unit = "images"
     rows = [("clean", "test/clean_acc"),
             (attack, "test/pgd_acc"),

@@ -167,8 +167,8 @@ def check_options(cfg: DictConfig) -> dict[str, Any]:
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Check the arguments and load checkpoint, model and data; ValueError / FileNotFoundError on bad input."""
-    from certtrain.threat import LpBall, build_threat
-    from certtrain.verification import load_for_verification, resolve_device
+    from certtrain.threat import L0Ball, LpBall, build_threat
+    from certtrain.verification import load_for_verification, make_task, resolve_device
 
     opts = check_options(cfg)
     device = resolve_device(cfg.device)
@@ -193,13 +193,21 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         eps = eps_list("eps (the checkpoint's perturbation.eval_eps / eps)", default)
     # the checkpoint's threat model (certtrain.threat), at the ε asked for
     if cfg.norm is not None:  # another norm of the same ball family
+        if not isinstance(threat, LpBall):
+            raise ValueError(f"norm= switches between L∞ and L2 balls; this checkpoint was trained against "
+                             f"{threat.describe()}: drop norm=")
         threat = LpBall(norm=cfg.norm, eps=threat.eps, eval_eps=threat.eval_eps, x_L=threat.x_L, x_U=threat.x_U)
     norm = getattr(threat, "norm", None)
     pgd_steps = int(_pick(cfg.pgd_steps, e.get("pgd_steps", 20)))
     pgd_restarts = int(_pick(cfg.pgd_restarts, e.get("pgd_restarts", 1)))
     c_eps = opts["curve_eps"]
-    if c_eps == "auto":  # multiples of the one ε asked for; an ε list is its own curve
-        c_eps = [round(eps[0] * f, 12) for f in AUTO_CURVE] if len(eps) == 1 else []
+    if c_eps == "auto":  # multiples of the one ε asked for (L0: 0 .. k + 2 pixels); an ε list is its own curve
+        if len(eps) != 1:
+            c_eps = []
+        elif isinstance(threat, L0Ball):
+            c_eps = [float(k) for k in range(0, int(eps[0]) + 3)]
+        else:
+            c_eps = [round(eps[0] * f, 12) for f in AUTO_CURVE]
     c_eps = [c for c in c_eps if not any(math.isclose(c, f, rel_tol=1e-9, abs_tol=1e-12) for f in eps)]
     c_steps, c_restarts = opts["curve_pgd"]
     alone, cm = opts["alone"], opts["curve_methods"]
@@ -209,11 +217,14 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     points += [{"eps": x, "methods": cm, "alone": curve_alone, "pgd_steps": int(_pick(c_steps, pgd_steps)),
                 "pgd_restarts": int(_pick(c_restarts, pgd_restarts)), "kind": "curve"} for x in c_eps]
     points.sort(key=lambda q: q["eps"])
+    step_size = _pick(cfg.pgd_step_size, e.get("pgd_step_size"))
+    for pt in points:  # every point's task now, so that a bad ε (e.g. a fractional L0 k) fails before any work
+        pt["task"] = make_task(module.net, threat, pt["eps"], pgd_steps=pt["pgd_steps"], pgd_restarts=pt["pgd_restarts"],
+                               pgd_step_size=step_size, bound_opts=module.evaluation.bound_opts)
     return {"module": module, "datamodule": datamodule, "config": config, "methods": opts["methods"],
             "curve_methods": cm, "device": device, "norm": norm, "threat": threat, "points": points,
-            "limits": opts["limits"], "alpha_crown": opts["alpha_crown"], "perturbation": threat.at(eps[0]),
-            "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts,
-            "pgd_step_size": _pick(cfg.pgd_step_size, e.get("pgd_step_size")),
+            "limits": opts["limits"], "alpha_crown": opts["alpha_crown"],
+            "pgd_steps": pgd_steps, "pgd_restarts": pgd_restarts, "pgd_step_size": step_size,
             "trained_eps": p.get("eps")}
 
 
@@ -234,7 +245,7 @@ def _prepare_text(cfg: DictConfig, opts: dict[str, Any], module: Any, datamodule
                "kind": "full"} for b in budgets]
     return {"module": module, "datamodule": datamodule, "config": config, "methods": methods, "curve_methods": methods,
             "device": device, "norm": "synonym", "threat": threat, "points": points, "limits": opts["limits"],
-            "alpha_crown": opts["alpha_crown"], "perturbation": None, "pgd_steps": 0, "pgd_restarts": 1,
+            "alpha_crown": opts["alpha_crown"], "pgd_steps": 0, "pgd_restarts": 1,
             "pgd_step_size": None, "trained_eps": threat.budget, "text": True, "beam": beam,
             "max_budget": max(budgets)}
 
@@ -256,7 +267,8 @@ def output_dir(cfg: DictConfig) -> Path:
 def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, Any]:
     """Verify at every ε as configured, print the tables, write the outputs; returns the results and the paths."""
     from certtrain.methods import method_name
-    from certtrain.verification import accuracy_curve, eps_table, verify_dataset, write_samples_csv
+    from certtrain.threat import LpBall
+    from certtrain.verification import accuracy_curve, eps_table, run_verification, write_samples_csv
 
     prepared = prepare(cfg) if prepared is None else prepared
     module, dm, config = prepared["module"], prepared["datamodule"], prepared["config"]
@@ -274,24 +286,27 @@ def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, An
         ms = pt["methods"]
         lim = {k: {m: v for m, v in d.items() if m in ms} for k, d in limits.items()}
         common = dict(num_classes=module.num_classes, alone=pt["alone"], device=prepared["device"],
-                      bound_opts=module.evaluation.bound_opts, optimize_bound_args=prepared["alpha_crown"],
-                      seed=cfg.seed, progress=bool(cfg.progress), **lim)
+                      optimize_bound_args=prepared["alpha_crown"], seed=cfg.seed, progress=bool(cfg.progress), **lim)
         if text:
             res = verify_text_dataset(module.net, loader, int(pt["eps"]), ms, beam=prepared["beam"], cache=cache,
-                                      desc=f"budget={int(pt['eps'])}", **common)
+                                      bound_opts=module.evaluation.bound_opts, desc=f"budget={int(pt['eps'])}",
+                                      **common)
         else:
-            res = verify_dataset(module.net, loader, prepared["threat"].at(pt["eps"]), ms, pgd_steps=pt["pgd_steps"],
-                                 pgd_restarts=pt["pgd_restarts"], pgd_step_size=prepared["pgd_step_size"],
-                                 desc=f"ε={pt['eps']:g}", **common)
+            res = run_verification(pt["task"], module.net, loader, ms, pgd_steps=pt["pgd_steps"],
+                                   pgd_restarts=pt["pgd_restarts"], desc=f"{pt['task'].radius_name}={pt['eps']:g}",
+                                   **common)
         results.append(res)
         kinds.append(pt["kind"])
     total = time.perf_counter() - t0
 
     first = results[0]
+    threat = prepared["threat"]
     if text:
         norm = "word substitutions"
+    elif isinstance(threat, LpBall):
+        norm = "L∞" if first.norm == math.inf else f"L{int(first.norm)}"
     else:
-        norm = "L∞" if first.norm == math.inf else (f"L{int(first.norm)}" if first.norm else str(prepared["threat"]))
+        norm = threat.describe().split(":")[0]  # "L0", "weights (...)"
     ds = config["dataset"]["_target_"].rsplit(".", 1)[-1]
     ds_short = ds.removesuffix("DataModule") or ds
     model = config["model"]["_target_"].rsplit(".", 1)[-1]
@@ -325,7 +340,8 @@ def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, An
         png = plot_accuracy_vs_eps(
             curve, out / (BUDGET_PLOT_NAME if text else PLOT_NAME), curve_methods=cm,
             trained_eps=trained if isinstance(trained, (int, float)) else None, norm=first.norm,
-            xlabel="budget (words substituted by synonym candidates)" if text else None,
+            xlabel="budget (words substituted by synonym candidates)" if text else (
+                None if isinstance(threat, LpBall) else f"{first.radius_name} ({threat.describe().split(':')[0]})"),
             title=f"{model} on {ds_short} ({first.n} test {'sentences' if text else 'images'}), trained with {method}"
                   + (f" at {radius} = {trained:g}" if trained_txt else "")
                   + f"\n{norm}; full cascade: {' → '.join(prepared['methods'])}")

@@ -210,11 +210,15 @@ class CertifiedModule(pl.LightningModule):
                  for m in self.net.modules() if isinstance(m, nn.ReLU)]
         try:
             with torch.no_grad():
-                self.net(example[:1])
+                self(self.first_example(example))
         finally:
             for h in hooks:
                 h.remove()
         return count[0]
+
+    def first_example(self, x: Tensor) -> Tensor:
+        """The batch's first example, as a batch of one."""
+        return x[:1]
 
     def use_crown(self, example: Tensor) -> bool:
         """Whether test verifies with CROWN too (``eval.crown``; "auto": small models only)."""

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from .bounds.perturbations import Perturbation, PerturbationL0Norm, PerturbationLpNorm, PerturbationSynonym
 
-__all__ = ["L0Ball", "LpBall", "SynonymSubstitution", "ThreatModel", "WeightBall", "build_threat", "check_budget",
-           "check_eps", "check_l0_budget", "parse_norm"]
+__all__ = ["L0Ball", "LpBall", "SynonymSubstitution", "ThreatModel", "WeightBall", "WeightBallSet", "build_threat",
+           "check_budget", "check_eps", "check_l0_budget", "parse_norm"]
 
 
 def parse_norm(norm: float | str) -> float:
@@ -54,9 +54,10 @@ def check_eps(name: str, eps: Any) -> float:
 class ThreatModel:
     """Base class of perturbation families: ``at(eps)`` is the set of radius ``eps``; ``eps`` the
     training target, ``eval_eps`` the radius of evaluation; ``attack_norm`` the norm PGD attacks
-    in (None where PGD does not apply); ``is_box`` whether every set is a box (SABR needs it);
-    ``input_kind`` what the set perturbs: ``"image"`` (the input tensor) or ``"text"`` (the word
-    embeddings of a text classifier, `certtrain.text_module`)."""
+    in (None where PGD does not apply; the training methods' attacks need it); ``is_box`` whether
+    every set is a box (SABR needs it); ``input_kind`` what the set perturbs: ``"image"`` (the input
+    tensor) or ``"text"`` (the word embeddings of a text classifier, `certtrain.text_module`);
+    ``attack_accuracy`` the attack of validation, test and verification."""
 
     eps: float
     eval_eps: float
@@ -68,6 +69,8 @@ class ThreatModel:
 
     #: what the sets perturb: ``"input"`` (the input tensor) or ``"weights"`` (the model's parameters, `WeightBall`)
     perturbs: str = "input"
+    #: the attack of `attack_accuracy`, as tables name it
+    attack_name: str = "PGD"
 
     def at(self, eps: Any, x: Optional[Tensor] = None) -> Perturbation:
         """The set of radius ``eps`` (``x``: the clean input, for sets that depend on it)."""
@@ -75,8 +78,14 @@ class ThreatModel:
 
     def attack_accuracy(self, net: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int = 1,
                         step_size: Optional[float] = None) -> Optional[Tensor]:
-        """Boolean (B,): the threat's attack at radius ``eps`` finds no misclassified point (None: no attack)."""
-        return None
+        """Boolean (B,): the threat's attack at radius ``eps`` finds no misclassified point (None: no
+        attack).  Default: PGD in the ``attack_norm`` ball within [x_L, x_U] where ``attack_norm`` is set."""
+        if self.attack_norm is None:
+            return None
+        from .attacks import pgd_accuracy
+
+        return pgd_accuracy(net, x, y, eps, norm=self.attack_norm, steps=steps, step_size=step_size,
+                            restarts=restarts, x_min=self.x_L, x_max=self.x_U)
 
     def prepare_model(self, model: nn.Module) -> None:
         """Called once on the model before the bound engine is traced (`WeightBall` installs its
@@ -112,14 +121,6 @@ class LpBall(ThreatModel):
     def at(self, eps: Any, x: Optional[Tensor] = None) -> PerturbationLpNorm:
         return PerturbationLpNorm(eps=eps, norm=self.norm, x_L=self.x_L, x_U=self.x_U)
 
-    def attack_accuracy(self, net: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int, restarts: int = 1,
-                        step_size: Optional[float] = None) -> Optional[Tensor]:
-        """PGD in the ball ∩ [x_L, x_U] (`certtrain.attacks.pgd_accuracy`)."""
-        from .attacks import pgd_accuracy
-
-        return pgd_accuracy(net, x, y, eps, norm=self.norm, steps=steps, step_size=step_size, restarts=restarts,
-                            x_min=self.x_L, x_max=self.x_U)
-
     def describe(self, eps: Optional[float] = None) -> str:
         n = "L∞" if self.norm == math.inf else "L2"
         return f"{n} ε = {self.eval_eps if eps is None else float(eps):g}"
@@ -141,6 +142,7 @@ class SynonymSubstitution(ThreatModel):
     set, for the loss only); evaluation always uses the real candidates (``eval_eps`` = 1).
     ``beam``: the word-substitution attack's beam width (`certtrain.word_attack`)."""
 
+    attack_name = "word-substitution attack"
     input_kind = "text"
 
     def __init__(self, budget: int = 6, eps: float = 1.0, eval_eps: Optional[float] = None, beam: int = 1):
@@ -159,6 +161,9 @@ class SynonymSubstitution(ThreatModel):
 
     def __repr__(self) -> str:
         return f"SynonymSubstitution(budget={self.budget}, eps={self.eps:g}, beam={self.beam})"
+
+    def describe(self, eps: Optional[float] = None) -> str:
+        return f"word substitutions: at most {self.budget} word(s) replaced by synonym candidates"
 
     def at(self, eps: Any, candidates: Optional[Tensor] = None, candidate_mask: Optional[Tensor] = None,
            budget: Optional[int] = None) -> PerturbationSynonym:
@@ -223,6 +228,8 @@ class L0Ball(ThreatModel):
     set).  At an integer ε it is the real set.  The sets grow with ε between integers; at an integer
     n they change from n whole pixels to n+1 pixels at n/(n+1) of their range."""
 
+    attack_name = "L0 attack"
+
     def __init__(self, eps: float = 1, eval_eps: Optional[int] = None, x_L: float = 0.0, x_U: float = 1.0,
                  norm: Any = 0):
         if parse_norm(norm) != 0:
@@ -278,6 +285,12 @@ class L0Ball(ThreatModel):
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d)
 
 
+class WeightBallSet(PerturbationLpNorm):
+    """The Lp ball that each perturbed parameter of a `WeightBall` carries (a `PerturbationLpNorm`
+    for the engine); its own class so that code for input sets refuses it instead of reading it as
+    a ball around the input."""
+
+
 class WeightBall(ThreatModel):
     """Each named parameter of the model in its own Lp ball (``norm`` 2 or inf) of radius ε around
     its trained value; the input stays the clean x (auto_LiRPA's `BoundedParameter` and its
@@ -288,6 +301,8 @@ class WeightBall(ThreatModel):
     A prediction counts as robust when it holds for every parameter value in the set; the bounds
     take one parameter copy per example, and the attack (`certtrain.attacks.weight_pgd_attack`)
     searches weights per example, the matching upper bound of robust accuracy."""
+
+    attack_name = "weight PGD"
 
     perturbs = "weights"
 
@@ -314,9 +329,9 @@ class WeightBall(ThreatModel):
         return (f"WeightBall(norm={n}, eps={self.eps:g}, eval_eps={self.eval_eps:g}"
                 + (f", params={self.params}" if self.params is not None else "") + ")")
 
-    def at(self, eps: Any, x: Optional[Tensor] = None) -> PerturbationLpNorm:
+    def at(self, eps: Any, x: Optional[Tensor] = None) -> WeightBallSet:
         """The ball of radius ``eps`` that each perturbed parameter gets (``x`` unused)."""
-        return PerturbationLpNorm(eps=eps, norm=self.norm)
+        return WeightBallSet(eps=eps, norm=self.norm)
 
     def parameter_names(self, model: nn.Module) -> list[str]:
         """Names of the parameters of ``model`` that the ball perturbs; ValueError for a pattern that

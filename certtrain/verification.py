@@ -58,7 +58,7 @@ from .attacks import l0_accuracy, pgd_accuracy
 from .bounds import BoundedModule, BoundedTensor, Perturbation, PerturbationL0Norm, PerturbationLpNorm
 from .bounds.methods import ALPHA_RULES, CHEAP_METHODS, METHOD_NAMES, check_alpha_opts, resolve_method
 from .losses import margin_spec
-from .threat import L0Ball, LpBall, ThreatModel, WeightBall, check_eps, check_l0_budget
+from .threat import L0Ball, LpBall, ThreatModel, WeightBall, WeightBallSet, check_eps, check_l0_budget
 
 __all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "InputSetTask", "VerificationResult",
            "VerificationTask", "WeightSetTask", "accuracy_curve", "canonical_method", "check_engine_supports",
@@ -507,6 +507,9 @@ class InputSetTask(VerificationTask):
         if not isinstance(perturbation, Perturbation):
             raise ValueError("perturbation must be a certtrain.bounds.Perturbation (e.g. PerturbationLpNorm, or "
                              f"ThreatModel.at(eps)), got {type(perturbation).__name__}")
+        if isinstance(perturbation, WeightBallSet):
+            raise ValueError("this perturbation is a weight ball (WeightBall.at), not a set around the input: verify "
+                             "it with make_task(net, threat, eps, ...) or WeightSetTask")
         if int(pgd_steps) < 0 or int(pgd_restarts) < 1:
             raise ValueError(f"need pgd_steps >= 0 and pgd_restarts >= 1, got {pgd_steps}, {pgd_restarts}")
         lp = isinstance(perturbation, PerturbationLpNorm) and not (
