@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # CPU stand-ins of the L0 and weight-perturbation MNIST recipes (conf/experiment/mnist_l0.yaml,
 # mnist_weights.yaml): a 4000-image subset, batch 64, a few epochs, then verification of the first
-# 1000 test images against the run's own threat model (scripts/verify_threat.py: clean, the threat's
-# attack, IBP / CROWN-IBP / CROWN alone and as a cascade).
+# 1000 test images against the run's own threat model (verify.py: clean, the threat's attack,
+# IBP / CROWN-IBP / CROWN alone and as a cascade; VERIFY_ARGS adds verify.py options, e.g. eps=1).
 #   bash scripts/mnist_l0_weights_cpu.sh l0 [extra train.py overrides ...]        # k = 2 pixels
 #   bash scripts/mnist_l0_weights_cpu.sh l0 perturbation.eps=1 perturbation.eval_eps=1   # k = 1
 #   bash scripts/mnist_l0_weights_cpu.sh weights
@@ -26,4 +26,5 @@ if [ -z "${VERIFY_ONLY:-}" ]; then
 fi
 ckpt=$(ls "$out"/train/checkpoints/best-epoch=*.ckpt 2>/dev/null | tail -1 || true)
 ckpt=${ckpt:-$out/train/checkpoints/last.ckpt}
-$PY scripts/verify_threat.py "$ckpt" --subset 1000 --threads ${THREADS:-1} --out "$out/verify"
+$PY verify.py "ckpt=$ckpt" subset=1000 batch_size=250 "methods=[IBP,CROWN-IBP,CROWN]" alone=true curve=false \
+  torch_threads=${THREADS:-1} progress=false device=cpu "out=$out/verify" ${VERIFY_ARGS:-}
