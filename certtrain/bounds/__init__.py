@@ -1,4 +1,5 @@
-"""certtrain.bounds: guaranteed output bounds of PyTorch models (IBP, CROWN, CROWN-IBP, α-CROWN).
+"""certtrain.bounds: guaranteed output bounds of PyTorch models (IBP, CROWN, CROWN-IBP, α-CROWN) and
+complete verification by branch and bound (β-CROWN, `bab_verify`).
 
     net = BoundedModule(model, example_input)
     x = BoundedTensor(x0, PerturbationLpNorm(norm=float("inf"), eps=0.1, x_L=0.0, x_U=1.0))
@@ -7,6 +8,7 @@
 Algorithms on the engine use its walk interface (`BoundedModule.prepare`, `interval_pass`,
 `output_bounds`, `node_bounds`, `BoundState`), never its private members.
 """
+from .bab import BaBOptions, BaBResult, VerificationProblem, bab_verify
 from .bounded_module import DEFAULT_OPTS, BoundedModule, check_bound_opts
 from .graph import BoundNode, TraceError
 from .methods import (CHEAP_METHODS, METHOD_NAMES, AlphaCROWN, BoundMethod, CROWN, CROWNIBP, IBP,
@@ -20,4 +22,5 @@ from .tensor import BoundedParameter, BoundedTensor
 __all__ = ["BoundedModule", "BoundedTensor", "BoundedParameter", "BoundState", "BoundNode", "Perturbation", "PerturbationLpNorm", "PerturbationL0Norm", "PerturbationSynonym",
            "Patches", "BoundOp", "LinearOp", "Value", "OPS", "register_op", "UnsupportedOperation",
            "TraceError", "DEFAULT_OPTS", "check_bound_opts", "BoundMethod", "IBP", "CROWNIBP", "CROWN",
-           "AlphaCROWN", "METHOD_NAMES", "CHEAP_METHODS", "resolve_method", "check_alpha_opts"]
+           "AlphaCROWN", "METHOD_NAMES", "CHEAP_METHODS", "resolve_method", "check_alpha_opts",
+           "bab_verify", "BaBOptions", "BaBResult", "VerificationProblem"]

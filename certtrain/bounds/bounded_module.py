@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, fx, nn
@@ -402,20 +402,31 @@ class BoundedModule(nn.Module):
         v.image = n.op.ibp_image(*args, **kwargs)
         return n.op.ibp(*args, **kwargs)
 
-    def interval_pass(self, state: BoundState, refine: bool = False, alphas: Optional[dict] = None) -> None:
+    def interval_pass(self, state: BoundState, refine: bool = False, alphas: Optional[dict] = None,
+                      refine_fixed: bool = False, refine_fn: Optional[Callable] = None) -> None:
         """Bounds of every perturbed node, in topological order: IBP, intersected with the state's
         fixed bounds; with ``refine`` the inputs of relaxed ops are tightened by CROWN before their
-        consumers use them (with the α-CROWN slopes ``alphas[node]`` when given)."""
+        consumers use them (with the α-CROWN slopes ``alphas[node]`` when given).  Nodes with fixed
+        bounds are taken as given unless ``refine_fixed`` (then CROWN runs on them too and the
+        result is intersected with the fixed bounds: branch and bound after a split).
+        ``refine_fn(node, state)``, when given, refines a node instead of plain CROWN (α-CROWN's
+        optimized, checkpointed intermediate bounds: `refine_rows`, `node_bounds`, `store_refined`)."""
         need = self.relaxed_input_names(state) if refine else set()
         for n in self._nodes:
             v = state.values.get(n.name)
             if v is None or not v.perturbed:
                 continue
             v.set_interval(self._ibp_node(n, state))
-            if state.apply_fixed(n.name):
+            fixed = state.apply_fixed(n.name)
+            if fixed and not refine_fixed:
                 continue  # the caller's bounds (already at least as tight as it wants)
             if n.name in need and not self._ibp_is_exact(n, state):
-                self._refine(n, state, alphas.get(n.name) if alphas else None)
+                if refine_fn is not None:
+                    refine_fn(n, state)
+                else:
+                    self._refine(n, state, alphas.get(n.name) if alphas else None)
+                if fixed:
+                    state.apply_fixed(n.name)
 
     def relaxed_input_names(self, state: BoundState) -> set[str]:
         """Nodes whose bounds the relaxation of a perturbed op reads."""
@@ -454,25 +465,43 @@ class BoundedModule(nn.Module):
         return n.op.monotone_elementwise
 
     def _refine(self, n: BoundNode, state: BoundState, alphas: Optional[dict] = None) -> None:
+        rows = self.refine_rows(n, state)
+        if rows is not None and rows.numel() == 0:
+            return
         v = state.values[n.name]
-        shape = v.value.shape[1:]
-        numel = math.prod(shape)
-        rows = None  # None: every neuron
-        if self.bound_opts["sparse_intermediate_bounds"]:
-            masks = []
-            for c in self._consumers[n.name]:
-                if c.op is None or not state.perturbed(c.name):
-                    continue
-                if n.name in c.relaxed_names:
-                    masks.append(c.op.rows_to_refine(v.lower, v.upper))
-            if masks and all(m is not None for m in masks):
-                rows = torch.stack(masks).any(0).nonzero().flatten()
-                if rows.numel() == 0:
-                    return
-                if rows.numel() > 0.9 * numel:  # nearly all: bound every neuron (auto_LiRPA's rule)
-                    rows = None
-        all_rows = torch.arange(numel, device=v.value.device) if rows is None else rows
-        lb, ub = _unknown_is_infinite(*self.node_bounds(state, n.name, all_rows, alphas=alphas))
+        all_rows = torch.arange(v.value[0].numel(), device=v.value.device) if rows is None else rows
+        lb, ub = self.node_bounds(state, n.name, all_rows, alphas=alphas)
+        self.store_refined(n, state, rows, lb, ub)
+
+    def refine_rows(self, n: BoundNode, state: BoundState,
+                    reference: Optional[tuple[Tensor, Tensor]] = None) -> Optional[Tensor]:
+        """The flat neurons of node ``n`` whose CROWN bounds its consumers' relaxations need
+        (``sparse_intermediate_bounds``), judged from its current bounds (intersected with
+        ``reference`` = (lower, upper) when given); None: every neuron, an empty tensor: none."""
+        if not self.bound_opts["sparse_intermediate_bounds"]:
+            return None
+        v = state.values[n.name]
+        lo, up = v.lower, v.upper
+        if reference is not None:
+            lo, up = torch.maximum(lo, reference[0]), torch.minimum(up, reference[1])
+        masks = []
+        for c in self._consumers[n.name]:
+            if c.op is None or not state.perturbed(c.name):
+                continue
+            if n.name in c.relaxed_names:
+                masks.append(c.op.rows_to_refine(lo, up))
+        if not masks or any(m is None for m in masks):
+            return None
+        rows = torch.stack(masks).any(0).nonzero().flatten()
+        if rows.numel() > 0.9 * v.value[0].numel():  # nearly all: bound every neuron (auto_LiRPA's rule)
+            return None
+        return rows
+
+    def store_refined(self, n: BoundNode, state: BoundState, rows: Optional[Tensor], lb: Tensor, ub: Tensor) -> None:
+        """Set node ``n``'s bounds at the flat neurons ``rows`` (None: all) to the CROWN bounds
+        (lb, ub), each (B, len(rows)), intersected with its interval where configured."""
+        v = state.values[n.name]
+        lb, ub = _unknown_is_infinite(lb, ub)
         # Both the interval and the CROWN bound hold: keep their intersection (CROWN can be
         # looser than IBP for some neurons, e.g. after a saturated sigmoid).
         lo, up = v.lower.flatten(1), v.upper.flatten(1)
@@ -498,26 +527,41 @@ class BoundedModule(nn.Module):
         return max(1, int(self.bound_opts["memory_budget"] // per_row))
 
     def chunked_backward(self, state: BoundState, start: str, n_rows: int, rows_A0, lower: bool = True,
-                         upper: bool = True, alphas: Optional[dict] = None):
+                         upper: bool = True, alphas: Optional[dict] = None, extra: Optional[dict] = None,
+                         record: Optional[dict] = None):
         """CROWN bounds of ``n_rows`` linear functions of node ``start``, in chunks that fit the
         memory budget; ``rows_A0(i, j)`` gives the coefficients of rows i..j-1 (dense
         (B, rows, *shape) or `Patches`).  ``alphas``: α-CROWN slopes per relaxed node,
-        (lower-side, upper-side) tensors with one row per row (or 1, shared)."""
+        (lower-side, upper-side) tensors with one row per row (or 1, shared).  ``extra`` and
+        ``record``: see `backward` (per-row tensors are sliced per chunk, records concatenated)."""
         if n_rows == 0:  # a node without elements (e.g. a softmax over one entry has no pairs)
             ref = state.values[start].value
             empty = ref.new_zeros(ref.shape[0], 0)
             return (empty if lower else None), (empty if upper else None)
         step = self.rows_per_chunk(state, start)
         lbs, ubs = [], []
+        parts: dict[str, list] = {k: [] for k in (record or {})}
+
+        def rows(d, s, e):
+            return None if d is None else {k: tuple(a if a is None or a.shape[1] == 1 else a[:, s:e] for a in pair)
+                                           for k, pair in d.items()}
+
         for s in range(0, n_rows, step):
             e = min(s + step, n_rows)
-            chunk = None
-            if alphas:
-                chunk = {k: tuple(a if a is None or a.shape[1] == 1 else a[:, s:e] for a in pair)
-                         for k, pair in alphas.items()}
-            lb, ub = self.backward(state, start, rows_A0(s, e), lower, upper, chunk)
+            rec = None if record is None else {k: None for k in record}
+            lb, ub = self.backward(state, start, rows_A0(s, e), lower, upper, rows(alphas, s, e),
+                                   rows(extra, s, e), rec)
             lbs.append(lb)
             ubs.append(ub)
+            for k in parts:
+                parts[k].append(rec[k])
+        if record is not None:
+            for k, chunks in parts.items():
+                if any(c is None for c in chunks):
+                    record[k] = None
+                    continue
+                record[k] = tuple(None if chunks[0][i] is None else torch.cat([to_dense(c[i]) for c in chunks], 1)
+                                  for i in range(2))
         return (torch.cat(lbs, 1) if lower else None), (torch.cat(ubs, 1) if upper else None)
 
     def node_bounds(self, state: BoundState, name: str, rows: Tensor, lower: bool = True, upper: bool = True,
@@ -538,10 +582,17 @@ class BoundedModule(nn.Module):
         return self.chunked_backward(state, name, rows.numel(), identity, lower, upper, alphas)
 
     def backward(self, state: BoundState, start: str, A0: LinearA, lower: bool = True, upper: bool = True,
-                 alphas: Optional[dict] = None):
+                 alphas: Optional[dict] = None, extra: Optional[dict] = None, record: Optional[dict] = None):
         """Propagate linear bounds A0 on node ``start`` back to the inputs and concretize them over
         the state's perturbations: (lb, ub), each (B, rows); relaxed nodes named in ``alphas`` use
-        those lower-line slopes (α-CROWN) instead of their default."""
+        those lower-line slopes (α-CROWN) instead of their default.
+
+        ``extra``: {node: (lower-side, upper-side)} dense coefficients (B, rows, *node_shape) added
+        to the accumulated coefficients of that node before it is propagated further: Lagrangian
+        terms of constraints on the node (β-CROWN's split constraints, Wang et al. 2021, eq. 5);
+        the caller is responsible for their validity.  ``record``: {node: None}, filled in place
+        with the (lower-side, upper-side) coefficients that reached each named node (input nodes:
+        the final linear function of the input, e.g. to find the box corner minimising it)."""
         values = state.values
         acc: dict[str, list] = {start: [A0 if lower else None, A0 if upper else None]}
         ref = values[start].value
@@ -550,9 +601,19 @@ class BoundedModule(nn.Module):
         dense = self.bound_opts["conv_mode"] == "matrix"
         for n in reversed(self._nodes[: self._index[start] + 1]):
             entry = acc.pop(n.name, None)
+            if extra is not None and n.name in extra:
+                la, ua = entry if entry is not None else (None, None)
+                el, eu = extra[n.name]
+                if lower and el is not None:
+                    la = el if la is None else to_dense(la) + el
+                if upper and eu is not None:
+                    ua = eu if ua is None else to_dense(ua) + eu
+                entry = None if la is None and ua is None else (la, ua)
             if entry is None:
                 continue
             la, ua = entry
+            if record is not None and n.name in record:
+                record[n.name] = (la, ua)
             if n.kind == "placeholder":
                 ptb, x0 = state.ptbs[n.name], values[n.name].value
                 if la is not None:
@@ -605,13 +666,15 @@ class BoundedModule(nn.Module):
         return torch.eye(n_out, dtype=out.dtype, device=out.device).expand(out.shape[0], n_out, n_out)
 
     def output_bounds(self, state: BoundState, C: Optional[Tensor], lower: bool = True, upper: bool = True,
-                      alphas: Optional[dict] = None):
-        """CROWN bounds (B, n_spec) of ``C @ output`` (the identity when C is None)."""
+                      alphas: Optional[dict] = None, extra: Optional[dict] = None, record: Optional[dict] = None):
+        """CROWN bounds (B, n_spec) of ``C @ output`` (the identity when C is None); ``extra`` and
+        ``record`` as in `backward`."""
         C = self.spec_matrix(state, C)
         B = C.shape[0]
         lb, ub = self.chunked_backward(
             state, self._final_name, C.shape[1],
-            lambda start, stop: C[:, start:stop].reshape(B, -1, *self._output_shape), lower, upper, alphas)
+            lambda start, stop: C[:, start:stop].reshape(B, -1, *self._output_shape), lower, upper, alphas,
+            extra, record)
         if lb is not None:
             lb = _unknown_is_infinite(lb, lb)[0]
         if ub is not None:
