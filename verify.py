@@ -159,8 +159,10 @@ def check_options(cfg: DictConfig) -> dict[str, Any]:
     c_methods = curve_methods(curve.get("methods"), methods)
     _int_option("curve.pgd_steps", curve.get("pgd_steps"), 0)
     _int_option("curve.pgd_restarts", curve.get("pgd_restarts"), 1)
-    check_engine_supports(methods, alpha)
+    check_engine_supports([m for m in methods if m != "BaB"], alpha)
+    bab = bab_options(cfg)
     return {"methods": methods, "eps": eps, "budget": budget, "alone": alone, "limits": limits, "alpha_crown": alpha,
+            "bab": bab,
             "curve_eps": c_eps, "curve_methods": c_methods,
             "curve_pgd": (curve.get("pgd_steps"), curve.get("pgd_restarts"))}
 
@@ -221,6 +223,11 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     for pt in points:  # every point's task now, so that a bad ε (e.g. a fractional L0 k) fails before any work
         pt["task"] = make_task(module.net, threat, pt["eps"], pgd_steps=pt["pgd_steps"], pgd_restarts=pt["pgd_restarts"],
                                pgd_step_size=step_size, bound_opts=module.evaluation.bound_opts)
+        if "BaB" in pt["methods"]:
+            if not hasattr(pt["task"], "bab_options"):
+                raise ValueError(f"BaB verifies sets around the input (L∞ boxes), not {threat.describe()}: drop BaB "
+                                 "from methods")
+            pt["task"].bab_options = dict(opts["bab"])
     return {"module": module, "datamodule": datamodule, "config": config, "methods": opts["methods"],
             "curve_methods": cm, "device": device, "norm": norm, "threat": threat, "points": points,
             "limits": opts["limits"], "alpha_crown": opts["alpha_crown"],
@@ -368,11 +375,114 @@ def run(cfg: DictConfig, prepared: dict[str, Any] | None = None) -> dict[str, An
             "png": png}
 
 
+#: methods=null for onnx / vnnlib / instances
+VNNLIB_METHODS = ["IBP", "CROWN", "alpha-CROWN", "BaB"]
+#: options that only make sense for a checkpoint (refused with onnx / vnnlib / instances)
+CKPT_ONLY = ("eps", "norm", "budget", "beam", "subset", "batch_size", "pgd_steps", "pgd_restarts", "pgd_step_size",
+             "data_dir")
+
+
+def bab_options(cfg: DictConfig) -> dict[str, Any]:
+    """The non-null ``bab.*`` options, checked by `certtrain.bounds.BaBOptions` (unknown keys are errors)."""
+    from certtrain.bounds import BaBOptions
+
+    opts = {k: v for k, v in (_plain(cfg.get("bab")) or {}).items() if v is not None}
+    BaBOptions.from_dict(opts)
+    return opts
+
+
+def check_vnnlib_options(cfg: DictConfig) -> dict[str, Any]:
+    """onnx= / vnnlib= / instances=: which mode, the files, the methods; ValueError on bad input."""
+    from certtrain.vnncomp import _parse_methods
+
+    onnx, vnnlib, inst = cfg.get("onnx"), cfg.get("vnnlib"), cfg.get("instances")
+    if cfg.get("ckpt"):
+        raise ValueError("give either ckpt= (a certtrain checkpoint) or onnx=/vnnlib=/instances=, not both")
+    if inst and (onnx or vnnlib):
+        raise ValueError("instances= runs every line of the csv: drop onnx= and vnnlib=")
+    if not inst and not (onnx and vnnlib):
+        raise ValueError("one instance needs both onnx=NETWORK.onnx and vnnlib=PROPERTY.vnnlib")
+    set_ckpt_only = [k for k in CKPT_ONLY if cfg.get(k) is not None]
+    if set_ckpt_only:
+        raise ValueError(f"{', '.join(set_ckpt_only)} apply to checkpoints; a VNN-LIB property defines its own "
+                         "input set and outputs")
+    for f in ([inst] if inst else [onnx, vnnlib]):
+        if not Path(str(f)).is_file():
+            raise FileNotFoundError(f"no such file: {f}")
+    methods = _parse_methods(list(cfg.methods) if cfg.methods is not None else VNNLIB_METHODS)
+    t = cfg.get("timeout")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {t!r}")
+    sc = cfg.get("timeout_scale", 1.0)
+    if isinstance(sc, bool) or not isinstance(sc, (int, float)) or sc <= 0:
+        raise ValueError(f"timeout_scale must be a positive number, got {sc!r}")
+    from certtrain.verification import parse_alpha_crown_options, resolve_device
+
+    alpha = {k: v for k, v in parse_alpha_crown_options(_plain(cfg.get("alpha_crown")) or {}).items() if v is not None}
+    return {"methods": methods, "bab": bab_options(cfg), "alpha": alpha, "device": str(resolve_device(cfg.device))}
+
+
+def run_vnnlib(cfg: DictConfig, opts: dict[str, Any]) -> dict[str, Any]:
+    """One instance (onnx= vnnlib=) or a whole instances.csv: a line per instance, a summary table,
+    ``results.csv`` and ``summary.md`` in ``out``."""
+    from certtrain.vnncomp import InstanceResult, run_instances, summary_table, verify_instance
+
+    if cfg.get("torch_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.torch_threads))
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    kw = {"methods": opts["methods"], "bab": opts["bab"], "alpha": opts["alpha"], "device": opts["device"]}
+    t0 = time.perf_counter()
+    if cfg.get("instances"):
+        results = run_instances(cfg.instances, out / "results.csv", timeout_scale=float(cfg.timeout_scale),
+                                max_timeout=cfg.get("timeout"), progress=bool(cfg.progress), **kw)
+        title = f"Instances of {cfg.instances}"
+    else:
+        timeout = float(cfg.timeout) if cfg.get("timeout") is not None else 60.0
+        r: InstanceResult = verify_instance(cfg.onnx, cfg.vnnlib, timeout, **kw)
+        r.onnx, r.vnnlib = Path(str(cfg.onnx)).name, Path(str(cfg.vnnlib)).name
+        results = [r]
+        title = f"{cfg.onnx} with {cfg.vnnlib}"
+        if r.counterexample is not None:
+            import torch
+
+            torch.save({"x": r.counterexample, "y": r.output}, out / "counterexample.pt")
+    lines = [f"# {title}", "", f"methods: {' → '.join(opts['methods'])}; device {opts['device']}; "
+             f"total {time.perf_counter() - t0:.1f} s", "",
+             "| onnx | vnnlib | result | decided by | time (s) | timeout (s) | domains | note |", "|---|---|---|---|---:|---:|---:|---|"]
+    for r in results:
+        lines.append(f"| {r.onnx} | {r.vnnlib} | {r.result} | {r.stage} | {r.time:.2f} | {r.timeout:g} | {r.domains} "
+                     f"| {r.message[:120]} |")
+    lines += ["", summary_table(results, opts["methods"])]
+    text = "\n".join(lines)
+    print(text)
+    (out / "summary.md").write_text(text + "\n", encoding="utf-8")
+    if not cfg.get("instances"):
+        import csv
+
+        with open(out / "results.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(results[0].row()))
+            w.writeheader()
+            w.writerow(results[0].row())
+    print(f"\noutput: {out} (summary.md, results.csv{', counterexample.pt' if (out / 'counterexample.pt').exists() else ''})")
+    return {"results": results, "out": out}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="verify", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: bad input → one line on stderr and exit code 2."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.get("onnx") or cfg.get("vnnlib") or cfg.get("instances"):
+        try:
+            opts = check_vnnlib_options(cfg)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"verify.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        run_vnnlib(cfg, opts)
+        return
     try:
         prepared = prepare(cfg)
     except (ValueError, FileNotFoundError) as e:  # CheckpointError, DatasetNotFoundError are among them

@@ -55,7 +55,8 @@ import torch
 from torch import Tensor, nn
 
 from .attacks import l0_accuracy, pgd_accuracy
-from .bounds import BoundedModule, BoundedTensor, Perturbation, PerturbationL0Norm, PerturbationLpNorm
+from .bounds import (BoundedModule, BoundedTensor, Perturbation, PerturbationL0Norm, PerturbationLpNorm,
+                     bab_verify)
 from .bounds.methods import ALPHA_RULES, CHEAP_METHODS, METHOD_NAMES, check_alpha_opts, resolve_method
 from .losses import margin_spec
 from .threat import L0Ball, LpBall, ThreatModel, WeightBall, WeightBallSet, check_eps, check_l0_budget
@@ -66,8 +67,10 @@ __all__ = ["ALPHA_CROWN_OPTIONS", "CHEAP_METHODS", "METHODS", "STATUSES", "Input
            "parse_alpha_crown_options", "parse_method_options", "parse_methods", "resolve_device", "run_verification",
            "verify_dataset", "write_samples_csv"]
 
-#: the bound methods, cheapest first (the engine's registry, certtrain.bounds.methods)
-METHODS = METHOD_NAMES
+#: the bound methods, cheapest first (the engine's registry, certtrain.bounds.methods), then branch
+#: and bound ("BaB": certtrain.bounds.bab_verify per sample, complete for ReLU networks on L∞ boxes)
+BAB = "BaB"
+METHODS = (*METHOD_NAMES, BAB)
 #: per-sample verdicts (``VerificationResult.status``)
 STATUSES = ("verified", "not verified", "not attempted", "PGD-broken", "misclassified")
 #: α-CROWN options (the engine's ``optimize_bound_args``) and what each must be here (a stage of 0
@@ -77,6 +80,8 @@ ALPHA_CROWN_OPTIONS = {**ALPHA_RULES, "iteration": "an integer >= 1"}
 
 def canonical_method(name: Any) -> str:
     """``ibp`` / ``crown_ibp`` / ``backward`` / ``alpha_crown`` ... → ``IBP`` | ``CROWN-IBP`` | ``CROWN`` | ``alpha-CROWN``."""
+    if str(name).strip().lower().replace("_", "-") in ("bab", "branch-and-bound", "beta-crown", "β-crown"):
+        return BAB
     try:
         return resolve_method(str(name))
     except (ValueError, NotImplementedError):
@@ -92,6 +97,8 @@ def parse_methods(methods: str | Iterable[Any]) -> list[str]:
     dup = sorted({m for m in out if out.count(m) > 1})
     if dup:
         raise ValueError(f"methods lists {', '.join(dup)} more than once")
+    if BAB in out and out[-1] != BAB:
+        raise ValueError(f"{BAB} (branch and bound) must be the last method of the cascade, got {', '.join(out)}")
     return out
 
 
@@ -166,15 +173,40 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+def bab_margin_lower_bounds(bounded: BoundedModule, x: Tensor, C: Tensor, perturbation: PerturbationLpNorm,
+                            options: Mapping[str, Any] | None = None) -> Tensor:
+    """Branch and bound per sample over the L∞ box of ``perturbation`` around x: (B, rows) lower
+    bounds of the margins ``C @ f(x)``, each row the sample's proved bound of its worst margin when
+    verified (> 0), else the search's last bound (≤ 0; -inf with a counterexample)."""
+    if not (isinstance(perturbation, PerturbationLpNorm) and perturbation.norm == math.inf):
+        raise ValueError(f"{BAB} (branch and bound) verifies L∞ boxes, not {type(perturbation).__name__} "
+                         f"(norm {getattr(perturbation, 'norm', '?')}): drop {BAB} from methods")
+    eps = perturbation.eps if isinstance(perturbation.eps, Tensor) else torch.tensor(float(perturbation.eps))
+    lo, hi = x - eps.to(x), x + eps.to(x)
+    if perturbation.x_L is not None:
+        lo = torch.maximum(lo, torch.as_tensor(perturbation.x_L, dtype=x.dtype, device=x.device))
+    if perturbation.x_U is not None:
+        hi = torch.minimum(hi, torch.as_tensor(perturbation.x_U, dtype=x.dtype, device=x.device))
+    out = torch.empty(C.shape[:2], dtype=torch.float64)
+    for i in range(x.shape[0]):
+        r = bab_verify(bounded, lo[i:i + 1], hi[i:i + 1], C[i:i + 1], options=dict(options or {}))
+        out[i] = r.lower_bound if r.status == "verified" else min(r.lower_bound, 0.0)
+    return out.to(x.dtype)
+
+
 def margin_lower_bounds(bounded: BoundedModule, x: Tensor, y: Tensor, perturbation: PerturbationLpNorm,
                         method: str, num_classes: int,
-                        optimize_bound_args: Mapping[str, Any] | None = None) -> Tensor:
+                        optimize_bound_args: Mapping[str, Any] | None = None,
+                        bab_options: Mapping[str, Any] | None = None) -> Tensor:
     """Lower bounds (B, K-1) of the margins z_y - z_j over the perturbation set around x (no autograd).
 
-    ``method``: a name :func:`canonical_method` knows; ``optimize_bound_args``: α-CROWN's options.
+    ``method``: a name :func:`canonical_method` knows; ``optimize_bound_args``: α-CROWN's options;
+    ``bab_options``: branch and bound's (`certtrain.bounds.BaBOptions`, ``timeout`` per sample).
     """
     method = canonical_method(method)
     C = margin_spec(y, num_classes).to(x.dtype)
+    if method == BAB:
+        return bab_margin_lower_bounds(bounded, x, C, perturbation, bab_options)
     kwargs: dict[str, Any] = {}
     if method == "alpha-CROWN" and optimize_bound_args:
         kwargs["optimize_bound_args"] = dict(optimize_bound_args)
@@ -531,6 +563,8 @@ class InputSetTask(VerificationTask):
             self.x_min = float(perturbation.x_L) if getattr(perturbation, "x_L", None) is not None else -math.inf
             self.x_max = float(perturbation.x_U) if getattr(perturbation, "x_U", None) is not None else math.inf
         self.bounded: BoundedModule | None = None
+        #: options of the BaB stage (`certtrain.bounds.BaBOptions`; ``timeout``: seconds per sample)
+        self.bab_options: dict[str, Any] = {}
 
     def logits(self, x: Tensor) -> Tensor:
         return self.model(x)
@@ -552,7 +586,8 @@ class InputSetTask(VerificationTask):
     def bounds(self, x, y, method, num_classes, optimize_bound_args):
         if self.bounded is None:
             self.bounded = BoundedModule(self.model, x[:1], bound_opts=self.bound_opts)
-        return margin_lower_bounds(self.bounded, x, y, self.perturbation, method, num_classes, optimize_bound_args)
+        return margin_lower_bounds(self.bounded, x, y, self.perturbation, method, num_classes, optimize_bound_args,
+                                   self.bab_options)
 
     def attack_label(self) -> str:
         rs = "restart" if self.pgd_restarts == 1 else "restarts"

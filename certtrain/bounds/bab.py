@@ -490,6 +490,12 @@ class _Search:
                 return None
         return True
 
+    def proved_bound(self) -> float:
+        """The verified lower bound of the worst group margin: the least margin of a refuted domain
+        (domains refuted by the LP or as empty have no margin: the smallest positive float)."""
+        return self.proved_min if math.isfinite(self.proved_min) and self.proved_min > 0 else \
+            float(torch.finfo(torch.float64).tiny)
+
     # ---------------------------------------------------------------- main loop
     def run(self) -> BaBResult:
         o, prob = self.opts, self.prob
@@ -501,6 +507,7 @@ class _Search:
             return r
 
         self.max_depth = 0
+        self.proved_min = math.inf
         hit = _check(self.model, prob, torch.cat([self.x0, prob.x_L, prob.x_U]))
         if hit is not None:
             return done("falsified", -math.inf, "attack", "the centre or a corner of the box violates the property", hit)
@@ -566,7 +573,7 @@ class _Search:
             if len(batch) == 0:
                 pending, pending_A = rest, rest_A
                 if len(pending) == 0:
-                    return done("verified", 0.0, "bab", f"every domain refuted ({rounds} rounds)")
+                    return done("verified", self.proved_bound(), "bab", f"every domain refuted ({rounds} rounds)")
                 continue
             kids = self.children(batch, idx, layout)
             self.max_depth = max(self.max_depth, int(kids.depth.max()))
@@ -574,7 +581,10 @@ class _Search:
             A_k, corners, _ = self.bound(kids, o.iteration)
             if corners is not None and (hit := _check(self.model, prob, corners)) is not None:
                 return done("falsified", -math.inf, "bab", "the minimiser of a domain's bound violates the property", hit)
-            alive = prob.margins(kids.lb).min(1).values <= 0
+            kid_margin = prob.margins(kids.lb).min(1).values
+            alive = kid_margin <= 0
+            if bool((~alive).any()):
+                self.proved_min = min(self.proved_min, float(kid_margin[~alive].min()))
             a_idx = torch.nonzero(alive).flatten()
             kids = kids.take(a_idx)
             A_k = {z: A[a_idx] for z, A in A_k.items()}
@@ -586,7 +596,7 @@ class _Search:
                       f"{float(prob.margins(pending.lb).min(1).values.min()) if len(pending) else 0:.4g}, "
                       f"{self.n_bounded} bounded, {self.elapsed():.1f} s", flush=True)
             if len(pending) == 0:
-                return done("verified", 0.0, "bab", f"every domain refuted ({rounds} rounds)")
+                return done("verified", self.proved_bound(), "bab", f"every domain refuted ({rounds} rounds)")
             if o.pgd_every and rounds % o.pgd_every == 0 and corners is not None:
                 x = _box_pgd(self.model, prob, corners[: 4 * self.rows], max(10, o.pgd_steps // 4), 1)
                 if x is not None and (hit := _check(self.model, prob, x)) is not None:
