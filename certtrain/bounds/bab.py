@@ -327,8 +327,8 @@ class _Search:
                 for z, b in betas.items():
                     dom.beta[z] = torch.where(_expand(better, b), b.detach(), dom.beta[z])
                 best_rec = rec
-                if opt is None or it == iteration:
-                    break
+                if opt is None or it == iteration or self.elapsed() > self.opts.timeout:
+                    break  # (past the timeout: the bounds so far are valid, the caller stops)
                 # only rows not yet refuted still need to improve
                 loss = -(lb * (best <= self.prob.d).to(lb)).sum()
                 if not loss.requires_grad:
@@ -342,7 +342,8 @@ class _Search:
                         a.clamp_(*ranges[k])
                     for b in betas.values():
                         b.clamp_(min=0)
-        self.n_bounded += N
+        if refine:  # (kFSB's probes are not counted as domains)
+            self.n_bounded += N
         # an empty domain holds vacuously
         dom.lb = torch.where(empty.unsqueeze(1), torch.full_like(best, math.inf), best)
         # the corner of the box minimising each row's linear lower bound (last iterate)
@@ -555,6 +556,8 @@ class _Search:
             rest = pending.take(keep)
             rest_A = {z: A[keep] for z, A in pending_A.items()}
             idx, none_left, layout = self.choose(batch, batch_A)
+            if self.elapsed() > o.timeout:
+                return done("timeout", worst.min(), "bab", f"{len(pending)} domains left after {rounds} rounds")
             if bool(none_left.any()):
                 # every unstable neuron split: the domain is linear on its region
                 for i in torch.nonzero(none_left).flatten().tolist():
