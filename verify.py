@@ -224,7 +224,8 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         pt["task"] = make_task(module.net, threat, pt["eps"], pgd_steps=pt["pgd_steps"], pgd_restarts=pt["pgd_restarts"],
                                pgd_step_size=step_size, bound_opts=module.evaluation.bound_opts)
         if "BaB" in pt["methods"]:
-            if not hasattr(pt["task"], "bab_options"):
+            if not (hasattr(pt["task"], "bab_options") and getattr(pt["task"], "lp", False)
+                    and pt["task"].norm == math.inf):
                 raise ValueError(f"BaB verifies sets around the input (L∞ boxes), not {threat.describe()}: drop BaB "
                                  "from methods")
             pt["task"].bab_options = dict(opts["bab"])

@@ -151,8 +151,9 @@ class PropertyVerifier:
             if m == "BaB":
                 r = bab_verify(self.net, x_lo, x_hi, C, d, groups, {**self.bab_opts, "timeout": left})
                 if r.status == "falsified":
-                    return self._sat_check(prop, r.counterexample, "attack" if r.stage == "attack" else "BaB",
-                                           r.message)
+                    res = self._sat_check(prop, r.counterexample, "attack" if r.stage == "attack" else "BaB",
+                                          r.message)
+                    return (res[0], res[1], r.domains, *res[3:])
                 return (_FROM_BAB[r.status], "BaB", r.domains, r.message, None, None)
             with torch.no_grad():
                 kw = {"optimize_bound_args": self.alpha} if (m == "alpha-CROWN" and self.alpha) else {}

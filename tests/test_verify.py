@@ -166,8 +166,11 @@ def test_method_names():
         "IBP", "CROWN-IBP", "CROWN-IBP", "CROWN", "CROWN"]
     assert {canonical_method(m) for m in ("alpha-CROWN", "alpha_crown", "Alpha-Crown", "CROWN-Optimized")} == {
         "alpha-CROWN"}
-    assert METHODS == ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN")
+    assert METHODS == ("IBP", "CROWN-IBP", "CROWN", "alpha-CROWN", "BaB")
     assert parse_methods("IBP,CROWN") == ["IBP", "CROWN"]
+    assert parse_methods("IBP,bab") == ["IBP", "BaB"]
+    with pytest.raises(ValueError, match="must be the last method"):
+        parse_methods(["BaB", "IBP"])
     with pytest.raises(ValueError, match="unknown verification method 'FOO'.*IBP, CROWN-IBP, CROWN"):
         parse_methods(["IBP", "FOO"])
     with pytest.raises(ValueError, match="more than once"):
@@ -554,3 +557,27 @@ def test_trained_model_beats_an_untrained_one(digits_ckpt):
     s, f = trained.summary(), fresh.summary()
     assert s["clean_acc"] > f["clean_acc"] + 0.3
     assert s["verified_acc"] > f["verified_acc"] + 0.2 and f["verified_acc"] < 0.1
+
+
+def test_verify_with_branch_and_bound(tmp_path, digits_ckpt):
+    """BaB ends the cascade: it verifies at least what the cascade before it does, and every sample
+    it verifies withstands a much stronger PGD (200 steps, 10 restarts) than the cascade's."""
+    import verify
+    from certtrain.attacks import pgd_accuracy
+
+    args = [f"ckpt='{digits_ckpt}'", "eps=0.15", "pgd_steps=10", "progress=false", "curve=false", "alone=false",
+            "subset=40", "torch_threads=1"]
+    v = verify.run(compose_verify([*args, f"out='{tmp_path / 'b'}'", "methods=[IBP,CROWN,BaB]", "bab.timeout=2"]))
+    r = v["result"]
+    assert r.methods == ["IBP", "CROWN", "BaB"] and r.unsound()["cascade"] == 0
+    by_bab = torch.tensor([b == "BaB" for b in r.verified_by])
+    assert r.cascade_in["BaB"] > 0 and int(by_bab.sum()) > 0, r.cascade_verified
+    module, dm, _ = load_for_verification(digits_ckpt, subset=40)
+    xs, ys = map(torch.cat, zip(*[(b[0], b[1]) for b in dm.test_dataloader()]))
+    idx = by_bab.nonzero().flatten()
+    torch.manual_seed(1)
+    robust = pgd_accuracy(module.net.eval(), xs[idx], ys[idx], 0.15, steps=200, restarts=10, x_min=0.0, x_max=1.0)
+    assert bool(robust.all()), "a sample verified by BaB was broken by PGD"
+    assert "| 3 | BaB |" in (v["out"] / "summary.md").read_text()
+    with pytest.raises(ValueError, match="L∞ boxes"):
+        verify.prepare(compose_verify([*args, f"out='{tmp_path / 'c'}'", "norm=2", "methods=[IBP,BaB]"]))
