@@ -69,6 +69,7 @@ class BaBOptions:
     max_domains: int = 500_000     # unverified domains kept at most (beyond: ``unknown``)
     lp: bool = True                # decide fully split domains by a linear program
     refine_intermediate: bool = True  # CROWN bounds of the pre-activations again after each split
+    root_alpha: bool = True        # root intermediate bounds by α-CROWN (optimized intermediate layers), else CROWN
     verbose: bool = False
 
     def __post_init__(self):
@@ -517,7 +518,8 @@ class _Search:
             return done("falsified", -math.inf, "attack", "PGD found a counterexample", hit)
         # root: CROWN intermediate bounds, then α optimization of the output rows
         N0 = 1
-        _, _, root_state = self.net.compute_bounds(x=(self._inputs(N0),), C=prob.C, method="CROWN",
+        _, _, root_state = self.net.compute_bounds(x=(self._inputs(N0),), C=prob.C,
+                                                   method="alpha-CROWN" if o.root_alpha else "CROWN",
                                                    bound_upper=False, return_state=True)
         inter = root_state.intermediate()
         missing = [z for z in self.relus if z not in inter]
