@@ -188,7 +188,8 @@ def run_instances(csv_path: Union[str, Path], out: Optional[Union[str, Path]] = 
                   select: Optional[Iterable[int]] = None, progress: bool = True,
                   **kw: Any) -> list[InstanceResult]:
     """Every instance of a VNN-COMP ``instances.csv`` (networks loaded once each); with ``out`` one
-    CSV line per instance is appended as it finishes (``onnx, vnnlib, result, stage, time, ...``).
+    CSV line per instance is appended as it finishes (``onnx, vnnlib, result, stage, time, ...``)
+    and each counterexample saved as ``counterexamples/<network>__<property>.pt`` next to it.
     ``timeout_scale`` / ``max_timeout`` shrink the csv's timeouts (reported)."""
     insts: list[Instance] = load_instances(csv_path)
     if select is not None:
@@ -221,6 +222,11 @@ def run_instances(csv_path: Union[str, Path], out: Optional[Union[str, Path]] = 
             r = verifiers[key].verify(inst.vnnlib, t)
             r.onnx, r.vnnlib = Path(inst.onnx).name, Path(inst.vnnlib).name
             results.append(r)
+            if out is not None and r.counterexample is not None:
+                cdir = Path(out).parent / "counterexamples"
+                cdir.mkdir(exist_ok=True)
+                torch.save({"x": r.counterexample, "y": r.output, "onnx": str(inst.onnx), "vnnlib": str(inst.vnnlib)},
+                           cdir / f"{Path(r.onnx).stem}__{Path(r.vnnlib).stem}.pt")
             if fh is not None:
                 row = r.row()
                 if writer is None:
