@@ -33,8 +33,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import autolirpa_models as am
+from bound_checks import assert_sound
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
 
 
@@ -235,10 +237,12 @@ def test_vision(folder, dtype, conv_mode, norm):
 @pytest.mark.parametrize("relu", ["adaptive", "same-slope"])
 @pytest.mark.parametrize("norm", ["inf", "2"])
 @pytest.mark.parametrize("folder,dtype", DATASETS)
-def test_vision_alpha_crown(folder, dtype, norm, relu):
+def test_vision_alpha_crown(folder, dtype, norm, relu, one_thread):
     """CROWN-Optimized (α-CROWN, lr_alpha 0.1, 20 iterations) on cnn_4layer_test.  Equality would
     need auto_LiRPA's exact optimizer trajectory, so (as the references' README advises) check that
-    ours is at least as tight as auto_LiRPA's, within 1e-4, and never looser than our CROWN."""
+    ours is at least as tight as auto_LiRPA's on every output (measured: looser by at most 8e-6 on
+    bounds of magnitude 0.1, tighter on average; same-slope: tighter everywhere), never looser than
+    our CROWN, and sound."""
     ref = _load(f"{folder}/vision_test_data")
     model = am.cnn_4layer_test()
     model.load_state_dict(ref["model"])
@@ -252,10 +256,13 @@ def test_vision_alpha_crown(folder, dtype, norm, relu):
         lb, ub = net.compute_bounds(x=(x,), method="alpha-CROWN", optimize_bound_args={"lr_alpha": 0.1})
     key = f"l_{norm}_CROWN-Optimized" + ("-same-slope" if relu == "same-slope" else "")
     rl, ru = ref[f"{key}_lb"].to(dtype), ref[f"{key}_ub"].to(dtype)
-    assert (lb >= rl - 1e-4).all(), f"{key}_lb: ours looser by {(rl - lb).max().item():.3e}"
-    assert (ub <= ru + 1e-4).all(), f"{key}_ub: ours looser by {(ub - ru).max().item():.3e}"
+    assert (lb >= rl - 2e-5).all(), f"{key}_lb: ours looser by {(rl - lb).max().item():.3e}"
+    assert (ub <= ru + 2e-5).all(), f"{key}_ub: ours looser by {(ub - ru).max().item():.3e}"
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     assert (lb >= lc - tol).all() and (ub <= uc + tol).all()
+    if norm == "inf" and relu == "adaptive" and dtype == torch.float32:  # sound (one case: PGD is slow)
+        # the traced graph: the model's in-place residual add, out of place (autograd attacks it)
+        assert_sound(net.graph_module, x0[:2], ptb, lb[:2], ub[:2], n_random=50, pgd_steps=10)
 
 
 # ------------------------------------------------------------------ constant_test_data
@@ -513,9 +520,72 @@ def test_s_shape_sigmoid_crown(folder, dtype):
 
 
 @pytest.mark.parametrize("folder,dtype", DATASETS)
+def test_s_shape_sigmoid_alpha_crown(folder, dtype):
+    """CROWN-Optimized of sigmoid on the same boxes (entry 5): optimizing the tangent points makes
+    ours at least as tight as auto_LiRPA's (measured: lb 0.1192 = sigmoid(-2) against its 0.1180,
+    ub 0.8808 against 0.8820), and it contains sigmoid on a dense grid."""
+    _, _, _, _, x_L, x_U = _sigmoid_case(folder, dtype)
+    x = (x_L + x_U) / 2
+    net = BoundedModule(am.SigmoidModel(), x)
+    with torch.no_grad():
+        lb, ub = net.compute_bounds(x=(BoundedTensor(x, _box(x, x_L, x_U)),), method="alpha-CROWN")
+    ref_lb, ref_ub = (t.to(dtype) for t in _load(f"{folder}/s_shape_test_data")[5])
+    assert (lb >= ref_lb - 1e-6).all() and (ub <= ref_ub + 1e-6).all(), (lb, ub, ref_lb, ref_ub)
+    assert (lb > ref_lb + 1e-4).any() and (ub < ref_ub - 1e-4).any()
+    t = torch.linspace(0, 1, 200001, dtype=dtype).unsqueeze(1)
+    y = torch.sigmoid(x_L + t * (x_U - x_L))
+    tol = 8 * torch.finfo(dtype).eps  # the optimal lines touch sigmoid at the box's ends: rounding
+    assert (y >= lb - tol).all() and (y <= ub + tol).all()
+
+
+@pytest.mark.parametrize("folder,dtype", DATASETS)
 def test_s_shape_sigmoid_crown_sound(folder, dtype):
     """Our CROWN bounds of entry 4 contain sigmoid on a dense grid of each box."""
     lb, ub, _, _, x_L, x_U = _sigmoid_case(folder, dtype)
     t = torch.linspace(0, 1, 200001, dtype=dtype).unsqueeze(1)
     y = torch.sigmoid(x_L + t * (x_U - x_L))  # (points, 2)
     assert (y >= lb).all() and (y <= ub).all()
+
+
+# ------------------------------------------------------------------ α-CROWN on the bundles' models
+
+def test_simple_verification_alpha_crown(one_thread):
+    """tests/test_simple_verification.py: MNIST CNN (Conv16-Conv32-FC100-FC10, pretrained), L∞ eps
+    0.3, CROWN-Optimized with 20 iterations, lr_alpha 0.1 (float32 bundle).  Ours, with the
+    intermediate layers optimized by default, is at least as tight on every output (measured: by
+    0.018 to 0.056 on bounds of magnitude 2 to 20) and sound."""
+    b = _bundle("test_simple_verification.py__TestSimpleVerification__test")
+    call = _top_calls(b)[0]
+    model = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(1568, 100), nn.ReLU(), nn.Linear(100, 10)).eval()
+    model.load_state_dict(b["modules"][0]["state_dict"])
+    x = call["roots"][0]["value"]
+    ptb = PerturbationLpNorm(norm=INF, eps=0.3)
+    net = BoundedModule(model, x)
+    with torch.no_grad():
+        lb, ub = net.compute_bounds(x=(BoundedTensor(x, ptb),), method="alpha-CROWN",
+                                    optimize_bound_args={"lr_alpha": 0.1})
+    assert (lb >= call["lb"]).all(), f"lb looser by {(call['lb'] - lb).max().item():.3e}"
+    assert (ub <= call["ub"]).all(), f"ub looser by {(ub - call['ub']).max().item():.3e}"
+    assert_sound(model, x, ptb, lb, ub, n_random=50, pgd_steps=10)
+
+
+def test_jacobian_mlp_alpha_crown(one_thread):
+    """The MLP of tests/test_jacobian.py (Linear-ReLU-Linear-Tanh-Linear-Sigmoid-Linear), CROWN-Optimized
+    lower bounds at L∞ eps 1/255 and 4/255 (auto_LiRPA's defaults: 20 iterations, lr 0.5): ours
+    at least as tight on every output, and sound."""
+    b = _bundle("test_jacobian.py__TestJacobian__test")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(192, 100), nn.ReLU(), nn.Linear(100, 100), nn.Tanh(),
+                          nn.Linear(100, 100), nn.Sigmoid(), nn.Linear(100, 10)).eval()
+    model.load_state_dict({k.removeprefix("model."): v for k, v in b["modules"][0]["state_dict"].items()})
+    calls = [c for c in _top_calls(b) if c["module_idx"] == 0 and c["method"] == "CROWN-Optimized"
+             and c["roots"][0]["perturbation"]["eps"]]
+    assert len(calls) == 2
+    for call in calls:
+        x = call["roots"][0]["value"]
+        ptb = PerturbationLpNorm(norm=INF, eps=call["roots"][0]["perturbation"]["eps"])
+        net = BoundedModule(model, x)
+        with torch.no_grad():
+            lb, _ = net.compute_bounds(x=(BoundedTensor(x, ptb),), method="alpha-CROWN", bound_upper=False)
+        assert (lb >= call["lb"] - 1e-6).all(), f"lb looser by {(call['lb'] - lb).max().item():.3e}"
+        assert_sound(model, x, ptb, lb, torch.full_like(lb, INF), n_random=50, pgd_steps=10)

@@ -436,6 +436,13 @@ class BoundedModule(nn.Module):
                 need.update(n.relaxed_names)
         return need
 
+    def refined_names(self, state: BoundState) -> list[str]:
+        """Nodes whose bounds ``interval_pass(state, refine=True)`` computes by CROWN (the inputs
+        of relaxed ops where IBP is not already exact), in topological order."""
+        need = self.relaxed_input_names(state)
+        return [n.name for n in self._nodes if n.name in need and state.perturbed(n.name)
+                and not self._ibp_is_exact(n, state)]
+
     def optimizable_nodes(self, state: BoundState) -> list[BoundNode]:
         """Relaxed nodes with a free relaxation parameter (``op.alpha_range``) and at least one
         neuron where it is free, in topological order."""
@@ -497,9 +504,12 @@ class BoundedModule(nn.Module):
             return None
         return rows
 
-    def store_refined(self, n: BoundNode, state: BoundState, rows: Optional[Tensor], lb: Tensor, ub: Tensor) -> None:
+    def store_refined(self, n: BoundNode, state: BoundState, rows: Optional[Tensor], lb: Tensor, ub: Tensor,
+                      straight_through: bool = False) -> None:
         """Set node ``n``'s bounds at the flat neurons ``rows`` (None: all) to the CROWN bounds
-        (lb, ub), each (B, len(rows)), intersected with its interval where configured."""
+        (lb, ub), each (B, len(rows)), intersected with its interval where configured
+        (``straight_through``: the intersection's value with the CROWN bound's gradient, for
+        α-CROWN, whose slopes would get no gradient where the interval is tighter)."""
         v = state.values[n.name]
         lb, ub = _unknown_is_infinite(lb, ub)
         # Both the interval and the CROWN bound hold: keep their intersection (CROWN can be
@@ -509,7 +519,11 @@ class BoundedModule(nn.Module):
             lo, up = lo[:, rows], up[:, rows]
         if self.bound_opts["intersect_intermediate"] or any(
                 c.op is not None and c.op.needs_domain for c in self._consumers[n.name]):
-            lb, ub = torch.maximum(lb, lo), torch.minimum(ub, up)
+            if straight_through:
+                lb = lb + (torch.maximum(lb, lo) - lb).detach()
+                ub = ub + (torch.minimum(ub, up) - ub).detach()
+            else:
+                lb, ub = torch.maximum(lb, lo), torch.minimum(ub, up)
         if rows is None:
             v.lower, v.upper = lb.view_as(v.value), ub.view_as(v.value)
         else:

@@ -16,17 +16,26 @@ from typing import Any, Mapping, Optional, Union
 __all__ = ["ALPHA_DEFAULTS", "BoundMethod", "IBP", "CROWNIBP", "CROWN", "AlphaCROWN", "METHOD_NAMES",
            "CHEAP_METHODS", "as_method", "check_alpha_opts", "method_names", "resolve_method"]
 
-#: α-CROWN options and their defaults (auto_LiRPA's iteration count; Adam on α).
+#: α-CROWN options and their defaults (auto_LiRPA's names and defaults where it has the option).
 ALPHA_DEFAULTS: dict[str, Any] = {
     "iteration": 20,               # gradient steps
     "lr_alpha": 0.5,               # Adam learning rate on α
     "lr_decay": 0.98,              # learning rate × lr_decay after every step
     "keep_best": True,             # return the best bound seen (never looser than CROWN)
-    "optimize_intermediate": False,  # also optimize the α of the intermediate layers' bounds
+    "optimize_intermediate": True,  # also optimize the α of the intermediate layers' bounds
+    "use_shared_alpha": False,     # intermediate layers: one α for all neurons of a layer (else one per neuron)
+    "use_full_conv_alpha": False,  # convolutional intermediate layers: one α per neuron (else per channel)
+    "early_stop_patience": 10,     # stop after this many steps without improvement (0: never stop early)
+    "early_stop_rtol": 1e-4,       # an improvement: the bounds' sum moves by more than this × their |sum|
+    "alpha_memory_budget": 1 << 30,  # bytes for α (with gradient and Adam moments); beyond: rows share α
+    "joint": False,                # both sides asked: one optimization for lb and ub (else two, as auto_LiRPA)
 }
 #: what each α-CROWN option must be (for error messages and docs)
 ALPHA_RULES = {"iteration": "an integer >= 0", "lr_alpha": "a positive number", "lr_decay": "a number in (0, 1]",
-               "keep_best": "true or false", "optimize_intermediate": "true or false"}
+               "keep_best": "true or false", "optimize_intermediate": "true or false",
+               "use_shared_alpha": "true or false", "use_full_conv_alpha": "true or false", "early_stop_patience": "an integer >= 0",
+               "early_stop_rtol": "a number >= 0", "alpha_memory_budget": "a positive number of bytes",
+               "joint": "true or false"}
 
 
 def check_alpha_opts(opts: Optional[Mapping[str, Any]], base: Optional[Mapping[str, Any]] = None,
@@ -38,14 +47,18 @@ def check_alpha_opts(opts: Optional[Mapping[str, Any]], base: Optional[Mapping[s
         if k not in ALPHA_DEFAULTS:
             raise ValueError(f"unknown {where} key {k!r}; available: {', '.join(ALPHA_DEFAULTS)}")
         out[k] = v
-    it = out["iteration"]
-    if isinstance(it, bool) or not isinstance(it, int) or it < 0:
-        raise ValueError(f"{where}.iteration must be {ALPHA_RULES['iteration']}, got {it!r}")
-    for k, high in (("lr_alpha", math.inf), ("lr_decay", 1.0)):
+    for k in ("iteration", "early_stop_patience"):
+        it = out[k]
+        if isinstance(it, bool) or not isinstance(it, int) or it < 0:
+            raise ValueError(f"{where}.{k} must be {ALPHA_RULES[k]}, got {it!r}")
+    for k, low, high, open_low in (("lr_alpha", 0.0, math.inf, True), ("lr_decay", 0.0, 1.0, True),
+                                   ("early_stop_rtol", 0.0, math.inf, False),
+                                   ("alpha_memory_budget", 0.0, math.inf, True)):
         v = out[k]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= high:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or not (v > low if open_low else v >= low) or not v <= high:
             raise ValueError(f"{where}.{k} must be {ALPHA_RULES[k]}, got {v!r}")
-    for k in ("keep_best", "optimize_intermediate"):
+    for k in ("keep_best", "optimize_intermediate", "use_shared_alpha", "use_full_conv_alpha", "joint"):
         if not isinstance(out[k], bool):
             raise ValueError(f"{where}.{k} must be {ALPHA_RULES[k]}, got {out[k]!r}")
     return out

@@ -83,6 +83,30 @@ class Patches:
         out = t.flatten(2).index_select(2, idx)
         return out.view(*t.shape[:2], *rows.shape, cols.shape[1]).transpose(1, 2)
 
+    def extract_rows(self, t: Tensor) -> Tensor:
+        """Row n's window of t[:, n] for a per-row node-shaped tensor t (B', N, C', H, W) ->
+        (B', N, C', kh, kw), zero outside the node (α-CROWN's per-row relaxation parameters)."""
+        rows, cols, pad = self._index()
+        if any(pad):
+            t = F.pad(t, pad)
+        Wp = t.shape[-1]
+        idx = (rows[:, :, None] * Wp + cols[:, None, :]).flatten(1)  # (N, kh*kw)
+        flat = t.flatten(3)
+        out = flat.gather(3, idx[None, :, None, :].expand(*flat.shape[:3], idx.shape[1]))
+        return out.view(*t.shape[:3], *self.kernel)
+
+    def extract_groups(self, t: Tensor, group: Tensor) -> Tensor:
+        """Row n's window of t[:, group[n]] for a tensor t (B', G, C', H, W) with one node-shaped
+        slice per group of rows -> (B', N, C', kh, kw), zero outside the node."""
+        rows, cols, pad = self._index()
+        if any(pad):
+            t = F.pad(t, pad)
+        B_, G, C_, Hp, Wp = t.shape
+        spatial = (rows[:, :, None] * Wp + cols[:, None, :]).flatten(1)  # (N, kh*kw)
+        idx = (group.to(spatial.device)[:, None] * (Hp * Wp) + spatial).flatten()
+        out = t.transpose(1, 2).reshape(B_, C_, G * Hp * Wp).index_select(2, idx)
+        return out.view(B_, C_, -1, *self.kernel).transpose(1, 2)
+
     def dot(self, t: Tensor) -> Tensor:
         """Row-wise inner product with a node-shaped tensor t: (B, N)."""
         return (self.patches * self.extract(t)).sum((2, 3, 4))

@@ -18,6 +18,36 @@ from .base import BoundOp
 Lines = tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]
 
 
+class RowGroups:
+    """A per-row tensor (B, N, *shape) stored once per group of rows: row n is
+    ``values[:, group[n]]`` (α-CROWN's parameters shared by the rows of one output channel).
+    Ops that declare ``alpha_row_groups`` accept it as α; `relax_backward` takes it as a line."""
+
+    __slots__ = ("values", "group")
+
+    def __init__(self, values: Tensor, group: Tensor):
+        self.values, self.group = values, group
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.values.shape[0], self.group.numel(), *self.values.shape[2:]))
+
+    def dim(self) -> int:
+        return self.values.dim()
+
+    def dense(self) -> Tensor:
+        return self.values.index_select(1, self.group)
+
+    def __getitem__(self, idx) -> "RowGroups":
+        """``rg[:, i:j]``: rows i..j-1 (how the walk slices α per chunk of rows)."""
+        if not (isinstance(idx, tuple) and len(idx) == 2 and idx[0] == slice(None)):
+            raise IndexError("RowGroups supports only [:, rows]")
+        return RowGroups(self.values, self.group[idx[1]])
+
+    def map(self, fn) -> "RowGroups":
+        return RowGroups(fn(self.values), self.group)
+
+
 def relax_backward(lA: Optional[LinearA], uA: Optional[LinearA], dl: Tensor, bl: Optional[Tensor],
                    du: Tensor, bu: Optional[Tensor]):
     """Map both sides through the lines; returns (lA', lower bias, uA', upper bias).
@@ -28,18 +58,31 @@ def relax_backward(lA: Optional[LinearA], uA: Optional[LinearA], dl: Tensor, bl:
     if A is None:
         return None, 0, None, 0
     parts = [dl, du] + [b for b in (bl, bu) if b is not None]
-    # A part may carry its own row dimension (B, N, *node): α-CROWN's per-specification slopes.
-    per_row = len({p.dim() for p in parts}) > 1
-    if per_row and isinstance(A, Patches):
-        lA = lA.to_dense() if isinstance(lA, Patches) else lA
-        uA = uA.to_dense() if isinstance(uA, Patches) else uA
-        A = lA if lA is not None else uA
-    ndim = A.dim() if not isinstance(A, Patches) else None
+    # A part may carry its own row dimension (B, N, *node): α-CROWN's per-row parameters.
     if isinstance(A, Patches):
-        # One gather of all the per-neuron lines into the rows' windows.
-        ext = A.extract(torch.cat([p.expand_as(dl) for p in parts], 1))
-        parts = list(ext.chunk(len(parts), dim=2))
+        # One gather of all the per-neuron lines into the rows' windows, one of the per-row ones,
+        # one of the per-group ones.
+        grouped = [i for i, p in enumerate(parts) if isinstance(p, RowGroups)]
+        if grouped and any(parts[i].group is not parts[grouped[0]].group for i in grouped):
+            parts = [p.dense() if isinstance(p, RowGroups) else p for p in parts]
+            grouped = []
+        node_dim = 1 + len(A.shape)
+        out: list = [None] * len(parts)
+        plain = [i for i in range(len(parts)) if i not in grouped]
+        for idx, extract, get in (
+                ([i for i in plain if parts[i].dim() == node_dim], A.extract, lambda p: p),
+                ([i for i in plain if parts[i].dim() != node_dim], A.extract_rows, lambda p: p),
+                (grouped, lambda t: A.extract_groups(t, parts[grouped[0]].group), lambda p: p.values)):
+            if not idx:
+                continue
+            shape = torch.broadcast_shapes(*(get(parts[i]).shape for i in idx))
+            ext = extract(torch.cat([get(parts[i]).expand(shape) for i in idx], -3))
+            for i, e in zip(idx, ext.chunk(len(idx), dim=2)):
+                out[i] = e
+        parts = out
     else:
+        ndim = A.dim()
+        parts = [p.dense() if isinstance(p, RowGroups) else p for p in parts]
         parts = [p if p.dim() == ndim else p.unsqueeze(1) for p in parts]
     dl, du = parts[0], parts[1]
     rest = parts[2:]
@@ -79,6 +122,9 @@ class ElementwiseRelaxOp(BoundOp):
     #: Ops whose lower line on unstable neurons is a line through the origin with any slope in
     #: this range (ReLU: [0, 1]) set it; α-CROWN then optimizes that slope (Xu et al. 2021).
     alpha_range: ClassVar[Optional[tuple[float, float]]] = None
+    #: `backward_alpha` accepts `RowGroups` α (α-CROWN then never expands per-channel α to one
+    #: copy per row); the ReLU-style `backward_alpha` below does, subclasses set it
+    alpha_row_groups: ClassVar[bool] = False
 
     def fn(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -110,6 +156,8 @@ class ElementwiseRelaxOp(BoundOp):
         def slope(a):
             if a is None:
                 return dl
+            if isinstance(a, RowGroups):  # one slope per neuron and group of rows
+                return a.map(lambda v: torch.where(unst.unsqueeze(1), v, dl.unsqueeze(1)))
             if a.shape[1] == 1:  # one slope per neuron, shared by every row (keeps Patches)
                 return torch.where(unst, a.squeeze(1), dl)
             return torch.where(unst.unsqueeze(1), a, dl.unsqueeze(1))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..patches import to_dense
 from .activation import relax_backward
 from .base import BoundOp, LinearOp
 from .conv import _pair, conv_backward
@@ -108,7 +109,9 @@ class BoundMaxPool2d(BoundOp):
         l, u = x.bounds
         return F.max_pool2d(l, k, s, p), F.max_pool2d(u, k, s, p)
 
-    def backward(self, lA, uA, x, *args, **kwargs):
+    def _relax(self, x):
+        """The per-window relaxation: (lower-line argmax i*, flat index of i*, upper slope du,
+        upper bias bu, window lower bounds' max, dominant) with (B, C, oh, ow) tensors."""
         k, s, p = self.geometry()
         l, u = x.bounds
         B, C, H, W = l.shape
@@ -126,24 +129,91 @@ class BoundMaxPool2d(BoundOp):
         oh, ow = (H + 2 * p[0] - k[0]) // s[0] + 1, (W + 2 * p[1] - k[1]) // s[1] + 1
         dominant = (lmax >= u_other).view(B, C, oh, ow)
         umax = umax.view(B, C, oh, ow)
-        idx = idx.view(B, C, oh, ow)
         one = torch.ones_like(umax)
         du = torch.where(dominant, one, torch.zeros_like(umax))
         bu = torch.where(dominant, torch.zeros_like(umax), umax)
+        return arg.squeeze(2).view(B, C, oh, ow), idx.view(B, C, oh, ow), du, bu, lmax.view(B, C, oh, ow), dominant
 
-        def to_input(A):
-            if A is None:
-                return None
-            Bn, N = A.shape[:2]
-            # Adjoint of "pick x[idx]": scatter-add each output coefficient onto its argmax
-            # (several windows may pick the same input; their coefficients add up).
-            out = A.new_zeros(Bn, N, C, H * W)
-            index = idx.flatten(2).unsqueeze(1).expand(Bn, N, C, -1)
-            return out.scatter_add_(3, index, A.flatten(3)).view(Bn, N, C, H, W)
+    def _to_input(self, A, idx, shape):
+        """Adjoint of "pick x[idx]": scatter-add each output coefficient onto its argmax (several
+        windows may pick the same input; their coefficients add up)."""
+        if A is None:
+            return None
+        C, H, W = shape
+        Bn, N = A.shape[:2]
+        out = A.new_zeros(Bn, N, C, H * W)
+        index = idx.flatten(2).unsqueeze(1).expand(Bn, N, C, -1)
+        return out.scatter_add_(3, index, A.flatten(3)).view(Bn, N, C, H, W)
 
+    def backward(self, lA, uA, x, *args, **kwargs):
+        _, idx, du, bu, _, _ = self._relax(x)
+        one = torch.ones_like(du)
         # Lower line y >= x[i*] (slope 1 on i*); upper line du * x[i*] + bu.
         nl, lbias, nu, ubias = relax_backward(lA, uA, one, None, du, bu)
-        return [(x, to_input(nl), to_input(nu))], lbias, ubias
+        shape = x.value.shape[1:]
+        return [(x, self._to_input(nl, idx, shape), self._to_input(nu, idx, shape))], lbias, ubias
+
+    # ---------------------------------------------------------------- α-CROWN
+    # The lower line may be any y >= sum_k a_k x_k + (1 - sum_k a_k) L over the window's inputs x_k,
+    # with a_k >= 0, sum_k a_k <= 1 and L = max_k l_k <= y (y >= each x_k and y >= L); CROWN's
+    # line is a = e_{i*}.  α in [0, 1]^K per window (shape (C, oh, ow, K) per row) is made such
+    # a weight vector by zeroing the padding entries and dividing by max(1, sum): every α in the
+    # box is sound (auto_LiRPA optimizes MaxPool's lower line the same way).
+    alpha_range = (0.0, 1.0)
+
+    def _valid(self, shape, like):
+        """(oh, ow, K) mask of window entries that are real inputs (not padding)."""
+        k, s, p = self.geometry()
+        _, H, W = shape
+        ones = like.new_ones(1, 1, H, W)
+        v = F.unfold(F.pad(ones, (p[1], p[1], p[0], p[0])), k, stride=s)[0]  # (K, L)
+        oh, ow = (H + 2 * p[0] - k[0]) // s[0] + 1, (W + 2 * p[1] - k[1]) // s[1] + 1
+        return (v > 0.5).t().reshape(oh, ow, -1)
+
+    def alpha_free(self, x, *args, **kwargs):
+        _, _, _, _, _, dominant = self._relax(x)
+        return (~dominant).unsqueeze(-1) & self._valid(x.value.shape[1:], x.value)
+
+    def alpha_start(self, x, *args, **kwargs):
+        arg, _, du, _, _, _ = self._relax(x)
+        k, _, _ = self.geometry()
+        return F.one_hot(arg, k[0] * k[1]).to(du.dtype)
+
+    def backward_alpha(self, lA, uA, alpha, x, *args, **kwargs):
+        """Backward with the lower line's window weights ``alpha`` = (for the lower bound's rows, for
+        the upper bound's rows), each (B, N or 1, C, oh, ow, K) in [0, 1]."""
+        k, s, p = self.geometry()
+        _, idx, du, bu, lmax, _ = self._relax(x)
+        shape = x.value.shape[1:]
+        C, H, W = shape
+        valid = self._valid(shape, du).to(du.dtype)
+
+        def side(A, a, lower_rows):
+            if A is None:
+                return None, 0
+            if a is None:  # CROWN's lines
+                nl, lb_, nu, ub_ = relax_backward(A if lower_rows else None, None if lower_rows else A,
+                                                  torch.ones_like(du), None, du, bu)
+                return self._to_input(nl if lower_rows else nu, idx, shape), (lb_ if lower_rows else ub_)
+            A = to_dense(A)
+            Bn, N = A.shape[:2]
+            w = a.clamp(0, 1) * valid
+            w = w / w.sum(-1, keepdim=True).clamp(min=1)
+            # the lower line serves the positive coefficients of lower-bound rows and the negative
+            # ones of upper-bound rows; the upper line the others
+            low = A.clamp(min=0) if lower_rows else A.clamp(max=0)
+            up = A - low
+            wsum = w.sum(-1)
+            bias = (up * bu.unsqueeze(1)).flatten(2).sum(-1) + (low * (1 - wsum) * lmax.unsqueeze(1)).flatten(2).sum(-1)
+            coef = low.unsqueeze(-1) * w  # (B, N, C, oh, ow, K)
+            coef = coef.flatten(3, 4).permute(0, 1, 2, 4, 3).reshape(Bn * N, C * k[0] * k[1], -1)
+            folded = F.fold(coef, (H + 2 * p[0], W + 2 * p[1]), k, stride=s)[..., p[0]:p[0] + H, p[1]:p[1] + W]
+            out = folded.reshape(Bn, N, C, H, W) + self._to_input(up * du.unsqueeze(1), idx, shape)
+            return out, bias
+
+        nl, lbias = side(lA, alpha[0], True)
+        nu, ubias = side(uA, alpha[1], False)
+        return [(x, nl, nu)], lbias, ubias
 
 
 def _windows(t, k, s, p):

@@ -28,6 +28,7 @@ def _lower_slope(mode: str, l, u, chord, low: float):
 class BoundReLU(ElementwiseRelaxOp):
     targets = (nn.ReLU, F.relu, torch.relu, "method:relu")
     alpha_range = (0.0, 1.0)
+    alpha_row_groups = True
 
     def fn(self, x):
         return torch.relu(x)
@@ -51,6 +52,7 @@ class BoundReLU(ElementwiseRelaxOp):
 @register_op("LeakyReLU")
 class BoundLeakyReLU(ElementwiseRelaxOp):
     targets = (nn.LeakyReLU, F.leaky_relu)
+    alpha_row_groups = True
 
     @property
     def alpha_range(self) -> tuple[float, float]:
