@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 
 from bound_checks import random_points, tolerance  # noqa: E402
 from certtrain import CertifiedModule  # noqa: E402
-from certtrain.attacks import attack_loss, l0_attack, per_example_logits, weight_pgd_attack  # noqa: E402
+from certtrain.attacks import l0_attack, per_example_logits, weight_pgd_attack  # noqa: E402
 from certtrain.bounds import BoundedParameter, PerturbationL0Norm  # noqa: E402
 from certtrain.certified_module import load_certified  # noqa: E402
 from certtrain.losses import margin_spec  # noqa: E402
