@@ -149,7 +149,7 @@ ELEMENTWISE = {
     "log": (torch.log, 0.05, 5.0), "relu": (torch.relu, -2.0, 2.0),
     "leaky_relu": (lambda x: nn.functional.leaky_relu(x, 0.1), -2.0, 2.0), "sqrt": (torch.sqrt, 0.0, 4.0),
     "reciprocal": (torch.reciprocal, 0.2, 4.0), "pow1.5": (lambda x: x ** 1.5, 0.0, 4.0),
-    "square": (torch.square, -2.0, 2.0)}
+    "square": (torch.square, -2.0, 2.0), "cube": (lambda x: x ** 3, -2.0, 2.0)}
 
 
 def _intervals(lo, hi, n, gen, dtype):

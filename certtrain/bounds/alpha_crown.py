@@ -12,16 +12,22 @@ Which α serve which bound.  Every bound computed by a backward pass is its own 
 problem, so (as auto_LiRPA) a relaxed node r has separate α for every *start node* whose bounds
 pass through it: the output specification (one α per spec row) and, with
 ``optimize_intermediate`` (the default), every intermediate layer s whose bounds CROWN computes
-(one α per neuron of s that is refined, "unshared"); each separately for the lower and the upper
-bound.  All are optimized together for the output bound, and every intermediate bound is
-recomputed with its α in every iteration (and intersected with the best bound seen so far).
+(one α per refined neuron of s, "unshared"; per output channel where s is a convolution, as
+auto_LiRPA in patches mode, unless ``use_full_conv_alpha``); each separately for the lower and the
+upper bound.  All are optimized together for the output bound, every intermediate bound is
+recomputed with its α in every iteration and intersected with its interval and with the best
+bound seen so far by value only (straight through: the gradient stays the CROWN bound's, or the α
+of a neuron whose interval is tighter would never move).  When both sides of the output are
+asked, they are two optimizations (``joint`` makes them one).
 
 Memory.  α is stored only where the parameter is free (e.g. unstable ReLUs), and where the
 α of a (relaxed node, start node) pair would exceed ``alpha_memory_budget`` (counting the
 gradient and Adam's two moments) the rows share it: per output channel of a convolutional start
 node, then one α for all rows (auto_LiRPA's ``use_shared_alpha`` forces the latter for the
-intermediate layers).  The backward passes run in chunks of rows (``memory_budget``), each under
-activation checkpointing, so autograd holds one chunk's coefficients at a time.
+intermediate layers).  Per-channel α reaches the ops as `RowGroups` (each row's window is picked
+from its channel's α: never one copy per row).  The backward passes run in chunks of rows
+(``memory_budget``); where the whole autograd graph would not fit that budget, in smaller chunks,
+each under activation checkpointing, so autograd holds one chunk's coefficients at a time.
 
 Soundness does not depend on the optimizer: α is projected onto the op's ``alpha_range`` after
 every step (and ops map any α in that box to sound lines), and the bound returned is one actually
@@ -100,7 +106,7 @@ class _Alpha:
             return None
         if slots is not None and self.row_groups and self.kind == "channel":
             # per-channel α stays per channel: the op picks each row's window from its channel's
-            # (the channels' parameters are built once per pass, for all chunks: `evaluate`)
+            # (the channels' parameters, built once per pass where `evaluate` can)
             full = self.full[side] if self.full[side] is not None else self.rows(side, None)
             return RowGroups(full, slots)
         a = p if slots is None else p.index_select(1, slots)
@@ -325,12 +331,14 @@ class _Optimizer:
     def evaluate(self, lower: bool, upper: bool, grad: bool):
         self.grad = grad
         with torch.enable_grad() if grad else torch.no_grad():
-            # per-channel α of every channel, once per pass and outside the checkpointed chunks
-            # (a recomputed chunk must save what its first run saved)
+            # per-channel α of every channel, built once per pass for all chunks; under
+            # checkpointing, per chunk inside it instead (memory; and a recomputed chunk must
+            # save what its first run saved)
+            once = not (grad and self.checkpoint)
             for d in (self.final_alpha, *self.inter_alpha.values()):
                 for a in d.values():
                     a.full = [None, None]
-                    if a.row_groups and a.kind == "channel":
+                    if once and a.row_groups and a.kind == "channel":
                         a.full = [a.rows(i, None) for i in (0, 1)]
             if self.inter and self.refined:
                 self.net.interval_pass(self.state, refine=True, refine_fn=self._refine)

@@ -67,6 +67,9 @@ def relax_backward(lA: Optional[LinearA], uA: Optional[LinearA], dl: Tensor, bl:
             parts = [p.dense() if isinstance(p, RowGroups) else p for p in parts]
             grouped = []
         node_dim = 1 + len(A.shape)
+        # one row for all rows: a per-neuron part
+        parts = [p.squeeze(1) if not isinstance(p, RowGroups) and p.dim() != node_dim and p.shape[1] == 1 else p
+                 for p in parts]
         out: list = [None] * len(parts)
         plain = [i for i in range(len(parts)) if i not in grouped]
         for idx, extract, get in (

@@ -125,6 +125,9 @@ class BoundOp:
     #: linear bound never leaves a domain the interval proves.
     needs_domain: ClassVar[bool] = False
     #: Range of the free parameter of the relaxation (α-CROWN's α), or None when it has none.
+    #: The parameter has a shape of its own per example (``alpha_start``'s, e.g. the node's shape,
+    #: (2, *node) for two tangent points, (*node, K) for window weights); every value in this box
+    #: must give sound lines (α-CROWN and branch and bound only clamp onto it).
     alpha_range: ClassVar[Optional[tuple[float, float]]] = None
     #: For the IBP program (`certtrain.bounds.ibp_program`): where perturbed values may appear —
     #: "unary" (argument 0), "binary" (arguments 0 and 1) or "list" (the tensors of argument 0) —
@@ -187,18 +190,21 @@ class BoundOp:
         return args[self.relaxed_inputs[0]]
 
     def alpha_free(self, *args, **kwargs) -> Tensor:
-        """(B, *output_shape) mask of where the free parameter matters, from the op's arguments
-        (default: `unstable` on the bounds of its first relaxed input)."""
+        """(B, *parameter shape) mask (or one that broadcasts to it) of where the free parameter
+        matters, from the op's arguments (default: `unstable` on the bounds of its first relaxed
+        input)."""
         return self.unstable(*self._relaxed_value(args).bounds)
 
     def alpha_start(self, *args, **kwargs) -> Tensor:
-        """(B, *output_shape) starting α from the op's arguments (default: `alpha_init` on the
-        bounds of its first relaxed input)."""
+        """(B, *parameter shape) starting α, CROWN's own parameter, from the op's arguments
+        (default: `alpha_init` on the bounds of its first relaxed input, parameter shape = output
+        shape)."""
         return self.alpha_init(*self._relaxed_value(args).bounds)
 
     def backward_alpha(self, lA: Optional[LinearA], uA: Optional[LinearA], alpha, *args, **kwargs):
         """`backward` with the free parameters ``alpha`` = (for the lower bound's rows, for the
-        upper bound's rows), for ops with an ``alpha_range``."""
+        upper bound's rows), each None (CROWN's) or (B, rows or 1, *parameter shape), for ops with
+        an ``alpha_range``."""
         raise NotImplementedError(f"{type(self).__name__} has no free relaxation parameter")
 
 

@@ -20,6 +20,7 @@ import operator
 import torch
 from torch import Tensor, fx
 
+from ..patches import a_map
 from .activation import ElementwiseRelaxOp
 from .registry import UnsupportedOperation, register_op
 from .s_shaped import SShaped
@@ -138,6 +139,10 @@ class _PowBase(ElementwiseRelaxOp):
         p = self._p()
         return p not in (0.0, 1.0) and not (self._integer(p) and p > 0 and int(p) % 2 == 1)
 
+    def _odd(self) -> bool:
+        p = self._p()
+        return self._integer(p) and p > 1 and int(p) % 2 == 1
+
     def unstable(self, l, u):
         if not self._pure(l):
             return torch.zeros_like(l, dtype=torch.bool)
@@ -146,8 +151,24 @@ class _PowBase(ElementwiseRelaxOp):
     def alpha_init(self, l, u):
         return torch.full_like(l, 0.5)  # the midpoint: plain CROWN's tangent
 
+    # Odd powers x^p = -g(x), g S-shaped: the tangent points of g's two lines (`SShaped`), α of
+    # shape (2, *node): (f's lower line = -g's upper line, f's upper line = -g's lower line).
+    def alpha_free(self, x, *args, **kwargs):
+        if self._odd():
+            return _OddMirror(int(self._p())).alpha_free(x).flip(1)
+        return super().alpha_free(x, *args, **kwargs)
+
+    def alpha_start(self, x, *args, **kwargs):
+        if self._odd():
+            return _OddMirror(int(self._p())).alpha_start(x).flip(1)
+        return super().alpha_start(x, *args, **kwargs)
+
     def backward_alpha(self, lA, uA, alpha, x, *args, **kwargs):
         l, u = x.bounds
+        if self._odd():  # A f = (-A) g: g's rule with the coefficients negated
+            neg = [None if A is None else a_map(A, torch.neg) for A in (lA, uA)]
+            return _OddMirror(int(self._p())).backward_alpha(
+                *neg, tuple(None if a is None else a.flip(2) for a in alpha), x)
         if not self._pure(l):
             return self.backward(lA, uA, x, *args, **kwargs)
         self._check_domain(l, self._p())
