@@ -257,11 +257,14 @@ def cnn7_child(batch: int, iterations: int, eps: float, extra: dict) -> dict:
                 t_crown=t_c, t_alpha=t_a, crown_lb=lc.mean().item(), alpha_lb=la.mean().item())
 
 
-def cnn7(batch, iterations, eps, extra, threads) -> dict:
+def cnn7(batch, iterations, eps, extra, threads, mmap_threshold=None) -> dict:
     code = (f"import sys, json, torch; sys.path.insert(0, {str(ROOT / 'scripts')!r}); torch.set_num_threads({threads});"
             f"import bench_alpha_crown as b; print('RESULT', json.dumps(b.cnn7_child({batch}, {iterations}, {eps}, "
             f"{extra!r})))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    env = dict(os.environ)
+    if mmap_threshold:  # glibc: large blocks always mmapped, so freed memory leaves the RSS at once
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[7:])
 
 
@@ -274,6 +277,9 @@ def main():
     ap.add_argument("--cnn7-iterations", type=int, default=2,
                     help="α-CROWN steps in the CNN-7 memory check (memory peaks in the first one)")
     ap.add_argument("--cnn7-eps", type=float, default=1 / 255)
+    ap.add_argument("--cnn7-mmap-threshold", type=int, default=None,
+                    help="set glibc's MALLOC_MMAP_THRESHOLD_ for the CNN-7 run (e.g. 131072): the peak RSS then "
+                         "follows the live tensors instead of the allocator's retained heap (slower)")
     ap.add_argument("--no-cnn7", action="store_true")
     ap.add_argument("--cnn7-only", action="store_true")
     args = ap.parse_args()
@@ -289,9 +295,11 @@ def main():
               f"reference test's iteration / lr_alpha, and {extra or 'nothing else'}\n")
         print(table(rows))
     if not args.no_cnn7:
-        r = cnn7(args.cnn7_batch, args.cnn7_iterations, args.cnn7_eps, extra, args.threads)
+        r = cnn7(args.cnn7_batch, args.cnn7_iterations, args.cnn7_eps, extra, args.threads, args.cnn7_mmap_threshold)
+        malloc = (f", MALLOC_MMAP_THRESHOLD_={args.cnn7_mmap_threshold}" if args.cnn7_mmap_threshold
+                  else ", default malloc (the RSS includes heap the allocator keeps)")
         print(f"\nCNN-7 (cnn_7layer, random weights) at 3x32x32, batch {r['batch']}, L∞ eps {r['eps']:.4g}, 9 margin "
-              f"specs, lower bounds, default options but iteration={r['iterations']}:")
+              f"specs, lower bounds, default options but iteration={r['iterations']}{malloc}:")
         print(f"| CROWN | α-CROWN | peak RSS before / CROWN / α-CROWN | α + Adam state | α layouts "
               f"(relaxed node, start node) |\n| --- | --- | --- | --- | --- |\n"
               f"| {r['crown_lb']:.4g} in {r['t_crown']:.1f} s | {r['alpha_lb']:.4g} in {r['t_alpha']:.1f} s | "

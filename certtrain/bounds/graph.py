@@ -117,6 +117,8 @@ def is_shape_query(node: "BoundNode") -> bool:
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule) and getattr(model, "_certtrain_traced", False):
+        return model  # built by the engine itself (e.g. a gradient graph): keep its nodes as they are
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
