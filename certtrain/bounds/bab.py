@@ -188,7 +188,11 @@ def _box_pgd(model: Callable[[Tensor], Tensor], prob: VerificationProblem, start
             bad = (obj <= 0)
             if bool(bad.any()):
                 return x[bad][:1].detach()
-            g, = torch.autograd.grad(obj.sum(), x)
+            # allow_unused: a function piecewise constant in x (a ReLU net's gradient norm) has no
+            # gradient path; the random starts are then the whole attack
+            g = torch.autograd.grad(obj.sum(), x, allow_unused=True)[0] if obj.requires_grad else None
+            if g is None:
+                break
             with torch.no_grad():
                 x = torch.max(torch.min(x - step * g.sign(), x_U), x_L)
                 step = step * (0.98 if i % 2 else 1.0)
@@ -457,7 +461,10 @@ class _Search:
         def affine_of(fn) -> tuple[Tensor, Tensor]:
             rec = {inp: None}
             lb = fn(rec)
-            A = to_dense(rec[inp][0]).detach().flatten(2)[0].double()
+            if rec[inp] is None or rec[inp][0] is None:  # no linear dependence on x (a constant bound)
+                A = torch.zeros(lb.shape[1], xc.numel(), dtype=torch.float64, device=xc.device)
+            else:
+                A = to_dense(rec[inp][0]).detach().flatten(2)[0].double()
             # lb = A·xc - |A|·rad + c  (the concretization of an L∞ box)
             c = lb.detach()[0].double() - A @ xc + A.abs() @ rad
             return A, c
