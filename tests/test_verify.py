@@ -581,3 +581,41 @@ def test_verify_with_branch_and_bound(tmp_path, digits_ckpt):
     assert "| 3 | BaB |" in (v["out"] / "summary.md").read_text()
     with pytest.raises(ValueError, match="L∞ boxes"):
         verify.prepare(compose_verify([*args, f"out='{tmp_path / 'c'}'", "norm=2", "methods=[IBP,BaB]"]))
+
+
+# ---------------------------------------------------------------- local Lipschitz table (scripts/lipschitz.py)
+def _lipschitz_table(ckpt: Path, out: Path, eps=("0", "0.02")) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import lipschitz
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    res = lipschitz.main(["--ckpt", str(ckpt), "--images", "6", "--eps", *eps, "--samples", "64",
+                          "--ascent-steps", "3", "--alpha-iterations", "3", "--out", str(out)])
+    for suffix in (".md", ".csv", ".png"):
+        assert out.with_suffix(suffix).is_file()
+    return res["rows"]
+
+
+def _check_lipschitz_rows(rows: list[dict]) -> None:
+    """ε = 0: every bound is the gradient's norm itself; ε > 0: sampled <= α-CROWN <= CROWN <= IBP and
+    CROWN below the naive product of layer norms."""
+    r0, r1 = rows
+    for m in ("IBP", "CROWN", "CROWN+αfwd", "α-CROWN"):
+        assert r0[m] == pytest.approx(r0["sampled"], rel=1e-4)
+        assert r1["sampled"] <= r1[m] * (1 + 1e-6)
+    assert r1["α-CROWN"] <= r1["CROWN+αfwd"] * (1 + 1e-6) and r1["CROWN+αfwd"] <= r1["CROWN"] * (1 + 1e-6)
+    assert r1["CROWN"] < r1["IBP"] and r1["CROWN"] < r1["naive"]
+    assert r1["sampled"] >= r0["sampled"] * (1 - 1e-6)  # the ball contains its centre
+
+
+def test_lipschitz_table_for_a_checkpoint(tmp_path, digits_ckpt):
+    _check_lipschitz_rows(_lipschitz_table(digits_ckpt, tmp_path / "lip"))
+    assert "| ε | sampled (lower) | IBP | CROWN |" in (tmp_path / "lip.md").read_text()
+
+
+def test_lipschitz_table_for_a_tanh_mlp(tmp_path):
+    import train
+
+    res = train.run(compose_train(tmp_path / "train", [*FAST, "model.activation=tanh", "method=natural", "test=false"]))
+    _check_lipschitz_rows(_lipschitz_table(Path(res["last_ckpt"]), tmp_path / "lip", eps=("0", "0.005")))
