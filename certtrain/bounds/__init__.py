@@ -12,7 +12,7 @@ Algorithms on the engine use its walk interface (`BoundedModule.prepare`, `inter
 from .bab import BaBOptions, BaBResult, VerificationProblem, bab_verify
 from .bounded_module import DEFAULT_OPTS, BoundedModule, check_bound_opts
 from .graph import BoundNode, TraceError
-from .gradient_graph import gradient_graph, vjp_rule
+from .gradient_graph import build_gradient_graph, vjp_rule
 from .jacobian import BoundedJacobian, gradient_l1_norms
 from .methods import (CHEAP_METHODS, METHOD_NAMES, AlphaCROWN, BoundMethod, CROWN, CROWNIBP, IBP,
                       check_alpha_opts, resolve_method)
@@ -27,4 +27,4 @@ __all__ = ["BoundedModule", "BoundedTensor", "BoundedParameter", "BoundState", "
            "TraceError", "DEFAULT_OPTS", "check_bound_opts", "BoundMethod", "IBP", "CROWNIBP", "CROWN",
            "AlphaCROWN", "METHOD_NAMES", "CHEAP_METHODS", "resolve_method", "check_alpha_opts",
            "bab_verify", "BaBOptions", "BaBResult", "VerificationProblem", "BoundedJacobian",
-           "gradient_graph", "vjp_rule", "gradient_l1_norms"]
+           "build_gradient_graph", "vjp_rule", "gradient_l1_norms"]

@@ -1,6 +1,6 @@
 """The gradient graph of a traced network, derived automatically (Shi et al. 2022, Sec. 3.1).
 
-`gradient_graph` copies the network's traced graph and appends, in reverse topological order, the
+`build_gradient_graph` copies the network's traced graph and appends, in reverse topological order, the
 vector-Jacobian product of every node that depends on the input: one rule per op (`VJP_RULES`,
 keyed like the bound rules: module class, function, or ``"method:name"``), as autograd's derivative
 formulas are.  Gradients carry one row dimension after the batch, one row per output of interest
@@ -235,14 +235,15 @@ def _batchnorm(b: Builder, n, g):
 
 
 # ----------------------------------------------------------------------------- the graph
-def _check_eval(model: nn.Module) -> None:
+def check_eval(model: nn.Module) -> None:
+    """ValueError unless BatchNorm and Dropout are in eval mode (the deployed network's gradient)."""
     for name, m in model.named_modules():
         if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout)) and m.training:
             raise ValueError(f"gradient graph: module '{name}' ({type(m).__name__}) is in training mode; "
                              "bound the Jacobian of the model in eval mode (call model.eval() first)")
 
 
-def gradient_graph(model: nn.Module, example: Tensor, C: Tensor, kind: str = "jacobian") -> fx.GraphModule:
+def build_gradient_graph(model: nn.Module, example: Tensor, C: Tensor, kind: str = "jacobian") -> fx.GraphModule:
     """An fx.GraphModule computing, for input x (and v for ``kind='jvp'``):
 
     * ``jacobian``: J (N, rows, *x.shape[1:]), J[n, i] = d (C y)_i / dx;
@@ -253,7 +254,7 @@ def gradient_graph(model: nn.Module, example: Tensor, C: Tensor, kind: str = "ja
     ``C``: (rows, n_out) spec rows over the flattened output.  Model parameters are shared (live)."""
     if kind not in KINDS:
         raise ValueError(f"unknown gradient graph kind {kind!r}; use one of {', '.join(KINDS)}")
-    _check_eval(model)
+    check_eval(model)
     gm = decompose(trace(model), [example])
     if sum(1 for n in gm.graph.nodes if n.op == "placeholder") != 1:
         raise ValueError("gradient graph: the model must take one input tensor")

@@ -8,7 +8,7 @@ Computing Local Lipschitz Constants of Neural Networks via Bound Propagation").
     lb, ub = bj.jvp(x, v, method="CROWN")                # (N, rows)
     lip = bj.lipschitz(x, method="CROWN")                # (N, rows): max over the set of ||dy_i/dx||_1
 
-The bounds come from the gradient graph (`certtrain.bounds.gradient_graph`) bounded by the
+The bounds come from the gradient graph (`certtrain.bounds.gradient_graph.build_gradient_graph`) bounded by the
 engine's methods (IBP, CROWN, α-CROWN); ``forward_method`` first bounds the forward network alone
 (e.g. α-CROWN with optimized intermediate layers) and hands its pre-activation bounds to the
 gradient graph, so that fewer ReLUs count as unstable.
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .bounded_module import BoundedModule
-from .gradient_graph import KINDS, gradient_graph
+from .gradient_graph import KINDS, check_eval, build_gradient_graph
 from .methods import BoundMethod, get_method
 from .perturbations import PerturbationLpNorm
 from .tensor import BoundedTensor
@@ -41,6 +41,7 @@ class BoundedJacobian:
                  bound_opts: Optional[Mapping[str, Any]] = None):
         if not isinstance(example_input, Tensor):
             raise TypeError("BoundedJacobian needs one example input tensor (a model with one input)")
+        check_eval(model)  # before running it: a training-mode BatchNorm would update its statistics
         self.model = model
         example = example_input.detach()
         with torch.no_grad():
@@ -70,7 +71,7 @@ class BoundedJacobian:
         if kind not in KINDS:
             raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
         if kind not in self._nets:
-            gm = gradient_graph(self.model, self.example, self.C, kind)
+            gm = build_gradient_graph(self.model, self.example, self.C, kind)
             example = (self.example, torch.zeros_like(self.example)) if kind == "jvp" else self.example
             self._nets[kind] = BoundedModule(gm, example, bound_opts=self.bound_opts)
         return self._nets[kind]

@@ -65,7 +65,7 @@ class BoundConv2d(LinearOp):
     targets = (nn.Conv2d, F.conv2d)
     supports_patches = True
 
-    def params(self, args):
+    def params(self, args, kwargs=None):
         if self.module is not None:
             m = self.module
             if m.padding_mode != "zeros":
@@ -73,8 +73,8 @@ class BoundConv2d(LinearOp):
                                            f"'{self.node.name}': only zero padding has a bound rule")
             return m.weight, m.bias, m.stride, self._padding(m.padding, m.weight, m.dilation), m.dilation, m.groups
         a = list(args) + [None] * (7 - len(args))
-        kw = self.node.kwargs
-        w = const(a[1])
+        kw = {k: const(v) for k, v in (kwargs or {}).items()}
+        w = const(a[1] if a[1] is not None else kw.get("weight"))
         b = const(a[2] if a[2] is not None else kw.get("bias"))
         stride = a[3] or kw.get("stride", 1)
         padding = a[4] if a[4] is not None else kw.get("padding", 0)
@@ -93,8 +93,8 @@ class BoundConv2d(LinearOp):
             return tuple(t // 2 for t in tot)
         return _pair(padding)
 
-    def ibp(self, x, *args):
-        w, b, s, p, d, g = self.params((x, *args))
+    def ibp(self, x, *args, **kwargs):
+        w, b, s, p, d, g = self.params((x, *args), kwargs)
         if x.image is not None:  # the set itself (e.g. the dual norm of each filter), not its box
             out = x.image.conv(lambda t, w_, b_: F.conv2d(t, w_, b_, s, p, d, g), w, b,
                                lambda t: F.unfold(t, w.shape[-2:], dilation=d, padding=p, stride=s) if g == 1 else None)
@@ -105,7 +105,7 @@ class BoundConv2d(LinearOp):
             return CenterRadius(F.conv2d(c, w * f, b, s, p, d, g), F.conv2d(r, w.abs() * f, None, s, p, d, g))
         return conv_ibp(c, r, w, b, s, p, d, g)
 
-    def backward_one(self, A, x, *args):
-        w, b, s, p, d, g = self.params((x, *args))
+    def backward_one(self, A, x, *args, **kwargs):
+        w, b, s, p, d, g = self.params((x, *args), kwargs)
         nA = conv_backward(A, w, s, p, d, g, x.value.shape[1:])
         return [(x, nA)], (channel_bias(A, b) if b is not None else 0)
