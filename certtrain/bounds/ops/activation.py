@@ -115,6 +115,17 @@ def relax_backward(lA: Optional[LinearA], uA: Optional[LinearA], dl: Tensor, bl:
     return nl, lbias, nu, ubias
 
 
+def relax_backward_sides(lA: Optional[LinearA], uA: Optional[LinearA], lines, alpha):
+    """`relax_backward` with each side's own lines: ``lines(alpha[0])`` for the lower bound's rows,
+    ``lines(alpha[1])`` for the upper bound's (α-CROWN optimizes the two separately)."""
+    nl, lbias, nu, ubias = None, 0, None, 0
+    if lA is not None:
+        nl, lbias, _, _ = relax_backward(lA, None, *lines(alpha[0]))
+    if uA is not None:
+        _, _, nu, ubias = relax_backward(None, uA, *lines(alpha[1]))
+    return nl, lbias, nu, ubias
+
+
 class ElementwiseRelaxOp(BoundOp):
     """Base of monotone non-decreasing elementwise nonlinearities f."""
 

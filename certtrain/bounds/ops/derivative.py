@@ -98,9 +98,6 @@ class BoundReluGrad(BoundOp):
                 torch.where(stable, fixed, du_u), torch.where(stable, zero, bu_u))
 
     def backward(self, lA, uA, z, g, *args, **kwargs):
-        from ..patches import to_dense
-        lA = to_dense(lA) if lA is not None else None
-        uA = to_dense(uA) if uA is not None else None
         dl, bl, du, bu = self.lines(z, g, self._slope(args))
         nl, lbias, nu, ubias = relax_backward(lA, uA, dl, bl, du, bu)
         if not is_perturbed(g):  # a constant upstream gradient: the lines are constants
@@ -111,9 +108,6 @@ class BoundReluGrad(BoundOp):
                 ubias = ubias + (nu * gv).flatten(2).sum(-1)
             return [], lbias, ubias
         return [(g, nl, nu)], lbias, ubias
-
-    def rows_to_refine(self, lower, upper):
-        return None
 
 
 class _ActivationDerivative(BoundOp):
@@ -176,9 +170,6 @@ class _ActivationDerivative(BoundOp):
         return use, dl, bl, du, bu
 
     def backward(self, lA, uA, z, y, *args, **kwargs):
-        from ..patches import to_dense
-        lA = to_dense(lA) if lA is not None else None
-        uA = to_dense(uA) if uA is not None else None
         use, dlz, blz, duz, buz = self.lines_z(*z.bounds)
         dly, bly, duy, buy = self.lines_y(*y.bounds)
         zero = torch.zeros_like(dlz)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .activation import ElementwiseRelaxOp, relax_backward
+from .activation import ElementwiseRelaxOp, relax_backward_sides
 from .registry import register_op
 
 
@@ -50,11 +50,7 @@ class _TangentAlpha(ElementwiseRelaxOp):
             k, c = torch.where(ins(free), k, ins(k0)), torch.where(ins(free), c, ins(c0))
             return (k, c, du, bu) if self.lower_tangent else (dl, bl, k, c)
 
-        nl, lbias, nu, ubias = None, 0, None, 0
-        if lA is not None:
-            nl, lbias, _, _ = relax_backward(lA, None, *lines(alpha[0]))
-        if uA is not None:
-            _, _, nu, ubias = relax_backward(None, uA, *lines(alpha[1]))
+        nl, lbias, nu, ubias = relax_backward_sides(lA, uA, lines, alpha)
         return [(x, nl, nu)], lbias, ubias
 
 

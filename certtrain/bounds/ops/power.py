@@ -191,12 +191,8 @@ class _PowBase(ElementwiseRelaxOp):
             sl, it = (slope.unsqueeze(1).expand_as(td), inter.unsqueeze(1).expand_as(tb)) if per_row else (slope, inter)
             return (td, tb, sl, it) if convex else (sl, it, td, tb)
 
-        from .activation import relax_backward
-        nl, lbias, nu, ubias = None, 0, None, 0
-        if lA is not None:
-            nl, lbias, _, _ = relax_backward(lA, None, *lines(alpha[0]))
-        if uA is not None:
-            _, _, nu, ubias = relax_backward(None, uA, *lines(alpha[1]))
+        from .activation import relax_backward_sides
+        nl, lbias, nu, ubias = relax_backward_sides(lA, uA, lines, alpha)
         return [(x, nl, nu)], lbias, ubias
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activation import ElementwiseRelaxOp, RowGroups, relax_backward
+from .activation import ElementwiseRelaxOp, RowGroups, relax_backward_sides
 from .registry import register_op
 
 _BISECT_STEPS = 30
@@ -160,11 +160,7 @@ class SShaped(ElementwiseRelaxOp):
                 out += [torch.where(free, k, ins(k0)), torch.where(free, c, ins(c0))]
             return tuple(out)
 
-        nl, lbias, nu, ubias = None, 0, None, 0
-        if lA is not None:
-            nl, lbias, _, _ = relax_backward(lA, None, *lines(alpha[0]))
-        if uA is not None:
-            _, _, nu, ubias = relax_backward(None, uA, *lines(alpha[1]))
+        nl, lbias, nu, ubias = relax_backward_sides(lA, uA, lines, alpha)
         return [(x, nl, nu)], lbias, ubias
 
 
