@@ -66,6 +66,13 @@ class Builder:
         """Per-example shape of a node (without the batch dimension)."""
         return self.shapes[node]
 
+    def total(self, parts: list) -> fx.Node:
+        """The sum of a node's gradient contributions (one per consumer)."""
+        g = parts[0]
+        for p in parts[1:]:
+            g = self.call(operator.add, g, p)
+        return g
+
     def depends(self, a) -> bool:
         return isinstance(a, fx.Node) and a in self.dep
 
@@ -290,18 +297,12 @@ def build_gradient_graph(model: nn.Module, example: Tensor, C: Tensor, kind: str
             b.dep.add(n)
     if out_node not in b.dep:
         raise ValueError("gradient graph: the model's output does not depend on its input")
-    # the graph is built after the forward copy: insert new nodes at the end
     gm.register_buffer("jacobian_seed", C.detach().to(example.dtype).reshape(1, rows, *out_shape).clone())
     grads: dict[fx.Node, list[fx.Node]] = {out_node: [b.attr("jacobian_seed")]}
     for n in reversed(order):
-        parts = grads.pop(n, None)
-        if parts is None or n is x:
-            if n is x:
-                grads[x] = parts
+        if n is x or n not in grads:
             continue
-        g = parts[0]
-        for p in parts[1:]:
-            g = b.call(operator.add, g, p)
+        g = b.total(grads.pop(n))
         key = target_key(n, gm.get_submodule(n.target) if n.op == "call_module" else None)
         rule = VJP_RULES.get(key)
         if rule is None:
@@ -313,22 +314,19 @@ def build_gradient_graph(model: nn.Module, example: Tensor, C: Tensor, kind: str
         for inp, gi in rule(b, n, g):
             if inp in b.dep:
                 grads.setdefault(inp, []).append(gi)
-    parts = grads.get(x)
-    g = parts[0]
-    for p in parts[1:]:
-        g = b.call(operator.add, g, p)
+    g = b.total(grads[x])
     if kind == "jacobian":
         result = g
     elif kind == "jvp":
         v = graph.placeholder("v")
+        x.append(v)  # the second input, right after x
         prod = b.call(operator.mul, g, b.call(torch.unsqueeze, v, 1))
         result = b.call(torch.sum, b.method("flatten", prod, 2), -1)
     else:
         result = b.call(torch.sum, b.method("flatten", b.call(torch.abs, g), 2), -1)
-    # the placeholder v must come right after x: move it there
-    if kind == "jvp":
-        x.append(v)
     graph.output(result)
     out = fx.GraphModule(gm, graph)
+    out.graph.eliminate_dead_code()  # the forward output itself and anything else no gradient reads
+    out.recompile()
     out._certtrain_traced = True  # already traced and functional: the engine uses it as is
     return out
