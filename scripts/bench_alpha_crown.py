@@ -45,29 +45,6 @@ def _top(bundle):
     return [c for c in bundle["calls"] if c["depth"] == 0]
 
 
-class MinMax(nn.Module):
-    """auto_LiRPA tests/test_min_max.py: y = seq3(max(seq1(x), seq2(x)))."""
-
-    def __init__(self):
-        super().__init__()
-        self.seq1 = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1))
-        self.seq2 = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1))
-        self.seq3 = nn.Sequential(nn.Conv2d(32, 8, 2, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 100),
-                                  nn.ReLU(), nn.Linear(100, 10))
-
-    def forward(self, x):
-        return self.seq3(torch.max(self.seq1(x), self.seq2(x)))
-
-
-class Pow(nn.Module):
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return x ** self.p
-
-
 # ---------------------------------------------------------------- reference cases
 # Each yields dicts: name, model, x, ptb, alpha (options of the auto_LiRPA test), bound_opts,
 # ref_lb / ref_ub (None where the reference has no such side), C.
@@ -89,9 +66,11 @@ def case_vision():
 
 
 def case_min_max():
+    import autolirpa_models as am
+
     b = _load("bundles/test_min_max.py__TestMinMax__test.pt")
     ref = _load("data/min_max_test_data")
-    model = MinMax().eval()
+    model = am.MinMaxModel().eval()
     model.load_state_dict(b["modules"][0]["state_dict"])
     x = torch.tensor(np.load(REFS / "samples" / "mnist_test_2.npy")).float().reshape(2, 1, 28, 28) / 255
     # the tightest of auto_LiRPA's four runs per bound (unshared α)
@@ -138,10 +117,12 @@ def case_s_shape():
 
 
 def case_pow():
+    import autolirpa_models as am
+
     ref = _load("data/pow_noninteger_test_data")
     for i, (p, lo, hi) in enumerate([(0.5, 1, 4), (1.5, 1, 4), (2.5, 1, 3)]):
         x = torch.full((1, 10), (lo + hi) / 2.0)
-        yield dict(name=f"x^{p} on [{lo}, {hi}]", model=Pow(p), x=x, ptb=PerturbationLpNorm(eps=(hi - lo) / 2.0),
+        yield dict(name=f"x^{p} on [{lo}, {hi}]", model=am.PowModel(p), x=x, ptb=PerturbationLpNorm(eps=(hi - lo) / 2.0),
                    alpha={"lr_alpha": 0.1}, bound_opts={}, ref_lb=ref[12 + i][0], ref_ub=ref[12 + i][1])
 
 

@@ -269,3 +269,28 @@ class ResNet(nn.Module):
 
 def ResNet18(in_planes=64) -> ResNet:
     return ResNet(BasicBlock, [2, 2, 2, 2], in_planes=in_planes)
+
+
+class PowModel(nn.Module):
+    """test_pow_noninteger's model: y = x ** p elementwise."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x ** self.p
+
+
+class MinMaxModel(nn.Module):
+    """test_min_max's model: y = seq3(max(seq1(x), seq2(x)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq1 = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1))
+        self.seq2 = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1))
+        self.seq3 = nn.Sequential(nn.Conv2d(32, 8, 2, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 100),
+                                  nn.ReLU(), nn.Linear(100, 10))
+
+    def forward(self, x):
+        return self.seq3(torch.max(self.seq1(x), self.seq2(x)))

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from autolirpa_models import MinMaxModel, PowModel
 from bound_checks import assert_sound
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm
 
@@ -37,15 +38,6 @@ def _close(ours, ref, rtol, atol, what):
         f"{what}: max |ours - ref| = {(ours - ref).abs().max().item():.3e}"
 
 
-class _Pow(nn.Module):
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return x ** self.p
-
-
 POW = [(0.5, 1, 4), (0.3, 1, 5), (1.5, 1, 4), (2.5, 1, 3), (0.5, 0, 4), (1.5, 0, 4)]
 POW_ALPHA = [(0.5, 1, 4), (1.5, 1, 4), (2.5, 1, 3)]
 
@@ -59,7 +51,7 @@ def test_pow_noninteger(folder, dtype):
     for p, lo, hi in POW:
         x = torch.full((1, 10), (lo + hi) / 2.0, dtype=dtype)
         ptb = PerturbationLpNorm(eps=(hi - lo) / 2.0)
-        net = BoundedModule(_Pow(p), x)
+        net = BoundedModule(PowModel(p), x)
         for method in ("IBP", "CROWN"):
             with torch.no_grad():
                 lb, ub = net.compute_bounds(x=(BoundedTensor(x, ptb),), method=method)
@@ -69,7 +61,7 @@ def test_pow_noninteger(folder, dtype):
     for p, lo, hi in POW_ALPHA:
         x = torch.full((1, 10), (lo + hi) / 2.0, dtype=dtype)
         ptb = PerturbationLpNorm(eps=(hi - lo) / 2.0)
-        net = BoundedModule(_Pow(p), x)
+        net = BoundedModule(PowModel(p), x)
         with torch.no_grad():
             lb, ub = net.compute_bounds(x=(BoundedTensor(x, ptb),), method="alpha-CROWN",
                                         optimize_bound_args={"lr_alpha": 0.1})
@@ -78,7 +70,7 @@ def test_pow_noninteger(folder, dtype):
         i += 1
         assert (lb >= rl - 1e-4).all() and (ub <= ru + 1e-4).all(), (p, lo, hi, lb, ub, rl, ru)
         assert (lb >= cl - 1e-7).all() and (ub <= cu + 1e-7).all()
-        assert_sound(_Pow(p), x, ptb, lb, ub)
+        assert_sound(PowModel(p), x, ptb, lb, ub)
 
 
 class _ClipNet(nn.Module):
@@ -213,20 +205,6 @@ def test_general_shape_matmul_chain():
     assert_sound(_BindSecond(model, w), x0, ptb, lb, ub, n_random=200, pgd_steps=20)
 
 
-class _MinMax(nn.Module):
-    """test_min_max's model: y = seq3(max(seq1(x), seq2(x)))."""
-
-    def __init__(self):
-        super().__init__()
-        self.seq1 = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1))
-        self.seq2 = nn.Sequential(nn.Conv2d(1, 16, 4, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 4, 2, 1))
-        self.seq3 = nn.Sequential(nn.Conv2d(32, 8, 2, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 100),
-                                  nn.ReLU(), nn.Linear(100, 10))
-
-    def forward(self, x):
-        return self.seq3(torch.max(self.seq1(x), self.seq2(x)))
-
-
 def test_min_max(one_thread):
     """max of two bounded tensors (rewritten a + relu(b - a), exact), α-CROWN with auto_LiRPA's 5
     iterations and lr 0.1 and our defaults (intermediate layers optimized: one α per output channel
@@ -237,7 +215,7 @@ def test_min_max(one_thread):
     import numpy as np
     b = _load("bundles/test_min_max.py__TestMinMax__test.pt")
     ref = _load("data/min_max_test_data")
-    model = _MinMax().eval()
+    model = MinMaxModel().eval()
     model.load_state_dict(b["modules"][0]["state_dict"])
     x0 = torch.tensor(np.load(REFS / "samples" / "mnist_test_2.npy")).float().reshape(2, 1, 28, 28) / 255
     ptb = PerturbationLpNorm(eps=0.3)
