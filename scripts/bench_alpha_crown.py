@@ -31,6 +31,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from bench_bounds import rss_peak_gb  # noqa: E402  (scripts/ is on the path: this file runs from it)
 from certtrain.bounds import BoundedModule, BoundedTensor, PerturbationLpNorm  # noqa: E402
 
 REFS = Path(os.environ.get("CERTTRAIN_AUTOLIRPA_REFS", ROOT.parent / "shared" / "autolirpa_refs"))
@@ -199,14 +200,6 @@ def table(rows):
 
 # ---------------------------------------------------------------- CNN-7 memory check
 
-def _rss_peak_gb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) / 1e6
-    return float("nan")
-
-
 def cnn7_child(batch: int, iterations: int, eps: float, extra: dict) -> dict:
     from certtrain_models import cnn_7layer
     torch.manual_seed(0)
@@ -217,12 +210,12 @@ def cnn7_child(batch: int, iterations: int, eps: float, extra: dict) -> dict:
     C = (eye[y].unsqueeze(1) - eye.unsqueeze(0))[torch.arange(10)[None] != y[:, None]].view(batch, 9, 10)
     net = BoundedModule(model, x)
     bx = BoundedTensor(x, PerturbationLpNorm(norm=INF, eps=eps, x_L=0.0, x_U=1.0))
-    base = _rss_peak_gb()
+    base = rss_peak_gb()
     with torch.no_grad():
         t = time.perf_counter()
         lc, _ = net.compute_bounds(x=(bx,), C=C, method="CROWN", bound_upper=False)
         t_c = time.perf_counter() - t
-        peak_c = _rss_peak_gb()
+        peak_c = rss_peak_gb()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         t = time.perf_counter()
@@ -234,7 +227,7 @@ def cnn7_child(batch: int, iterations: int, eps: float, extra: dict) -> dict:
     for _, _, kind, _, _ in stats["layouts"]:
         kinds[kind] = kinds.get(kind, 0) + 1
     return dict(batch=batch, iterations=iterations, eps=eps, before_gb=base, crown_peak_gb=peak_c,
-                alpha_peak_gb=_rss_peak_gb(), alpha_mb=stats["alpha_bytes"] / 1e6, layouts=kinds,
+                alpha_peak_gb=rss_peak_gb(), alpha_mb=stats["alpha_bytes"] / 1e6, layouts=kinds,
                 t_crown=t_c, t_alpha=t_a, crown_lb=lc.mean().item(), alpha_lb=la.mean().item())
 
 

@@ -31,7 +31,8 @@ SHAPES = {"MNIST": (1, 28, 28), "CIFAR": (3, 32, 32)}
 METHODS = ["forward", "IBP", "CROWN-IBP", "CROWN"]
 
 
-def _rss_peak_gb() -> float:
+def rss_peak_gb() -> float:
+    """Peak resident set size of this process in GB (VmHWM; NaN where /proc is missing)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM"):
@@ -51,7 +52,7 @@ def _reset_peak(device):
 def _peak(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
-    return _rss_peak_gb()
+    return rss_peak_gb()
 
 
 def measure(fn, device, budget: float, min_reps: int = 3, max_reps: int = 20):
