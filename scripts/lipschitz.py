@@ -119,6 +119,8 @@ def main(argv=None) -> dict:
     labels = sorted(set(y_all.tolist()))
     bjs = {c: BoundedJacobian(model, x_all[:1], C=torch.eye(n_out)[c:c + 1]) for c in labels}
     alpha = AlphaCROWN(iteration=args.alpha_iterations)
+    settings = {"IBP": ("IBP", None), "CROWN": ("CROWN", None), "CROWN+αfwd": ("CROWN", alpha),
+                "α-CROWN": (alpha, alpha)}  # column: (method, forward_method)
     rows = []
     for eps in args.eps:
         sums = {k: 0.0 for k in (*args.methods, "sampled", "naive")}
@@ -134,15 +136,9 @@ def main(argv=None) -> dict:
             bx = BoundedTensor(x, PerturbationLpNorm(norm=float("inf"), eps=eps))
             for m in args.methods:
                 t0 = time.perf_counter()
+                method, fwd = settings[m]
                 with torch.no_grad():
-                    if m == "IBP":
-                        ub = bj.lipschitz(bx, "IBP")
-                    elif m == "CROWN":
-                        ub = bj.lipschitz(bx, "CROWN")
-                    elif m == "CROWN+αfwd":
-                        ub = bj.lipschitz(bx, "CROWN", forward_method=alpha)
-                    else:
-                        ub = bj.lipschitz(bx, alpha, forward_method=alpha)
+                    ub = bj.lipschitz(bx, method, forward_method=fwd)
                 times[m] += time.perf_counter() - t0
                 ub = ub[:, 0]
                 bad = low > ub * (1 + 1e-5) + 1e-6
